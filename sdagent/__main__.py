@@ -1,0 +1,5 @@
+import sys
+
+from sdagent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""The agent: one object that owns the loops and starts them in order and stops them in reverse.
+
+Start: backend ready -> ledger caught up on the window -> intake subscribed. Stop: intake stops
+fetching -> the job in flight is released (or answered) -> offsets committed and the group left
+-> ledger closed -> producer flushed -> backend closed. ``cli.py`` installs the signal handlers;
+nothing here touches process-global state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import structlog
+from confluent_kafka import Consumer, Producer
+
+from sdagent.backends.base import Backend
+from sdagent.config import Settings
+from sdagent.errors import BackendUnavailable
+from sdagent.intake import Intake
+from sdagent.kafka_clients import jobs_consumer_config, producer_config, reader_config
+from sdagent.ledger import JobLedger
+from sdagent.publisher import StatusPublisher
+from sdagent.runner import JobRunner
+
+log = structlog.get_logger(__name__)
+
+BACKEND_READY_POLL_S = 0.5
+PRODUCER_FLUSH_S = 10.0
+
+
+class Agent:
+    """Runs jobs from the fleet's jobs topic on one backend until drained."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        outputs,
+        *,
+        consumer_factory: Callable[[dict], Consumer] = Consumer,
+        producer_factory: Callable[[dict], Producer] = Producer,
+    ) -> None:
+        self._settings = settings
+        self._backend = backend
+        agent_id = settings.agent.instance_id
+        self._producer = producer_factory(producer_config(settings.kafka, f"sdagent-{agent_id}"))
+        self.publisher = StatusPublisher(self._producer, settings.topics, agent_id)
+        self.ledger = JobLedger(
+            consumer_factory(reader_config(settings.kafka, "ledger")),
+            settings.topics.results,
+            settings.topics.control,
+            settings.idempotency.window_s,
+        )
+        runner = JobRunner(
+            backend,
+            outputs,
+            self.publisher,
+            self.ledger,
+            limits=settings.limits,
+            retry=settings.retry,
+            catch_up_timeout_s=settings.idempotency.catch_up_timeout_s,
+            progress_interval_s=settings.agent.progress_interval_s,
+        )
+        self.intake = Intake(
+            consumer_factory(jobs_consumer_config(settings.kafka, agent_id)),
+            settings.topics.jobs,
+            runner,
+            backend.interrupt,
+        )
+        self.ledger.on_cancel(self.intake.cancel)
+        self.stopping = threading.Event()
+
+    def start(self, ready_timeout_s: float = 120.0) -> None:
+        """Wait for the backend, read the fleet's recent answers, then join the consumer group."""
+        self._wait_backend_ready(ready_timeout_s)
+        self.ledger.start()
+        self.intake.start()
+        log.info("agent.started", instance_id=self._settings.agent.instance_id, backend=self._backend.name)
+
+    def run(self) -> None:
+        """Run jobs until :meth:`request_stop` is called, then drain and stop."""
+        self.intake.run(self.stopping)
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to leave; safe from a signal handler or another thread."""
+        if not self.stopping.is_set():
+            log.info("agent.stop_requested", reason=reason)
+        self.stopping.set()
+
+    def drain(self, reason: str) -> None:
+        """Stop taking work and hand back the job in flight so another agent runs it."""
+        log.info("agent.draining", reason=reason, busy=self.intake.busy)
+        self.intake.stop_fetching()
+        self.intake.release_inflight("draining")
+
+    def stop(self) -> None:
+        """Leave the group, close the readers and send what is queued; reverse of :meth:`start`."""
+        for name, step in (
+            ("intake", self.intake.close),
+            ("ledger", self.ledger.stop),
+            ("producer", lambda: self.publisher.flush(PRODUCER_FLUSH_S)),
+            ("backend", self._backend.close),
+        ):
+            try:
+                step()
+            except Exception:  # keep stopping the rest: a failing step must not strand the others
+                log.exception("agent.stop_step_failed", step=name)
+        log.info("agent.stopped")
+
+    def _wait_backend_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            health = self._backend.health()
+            if health.ready:
+                log.info("backend.ready", backend=self._backend.name, models=len(health.models))
+                return
+            if time.monotonic() >= deadline:
+                raise BackendUnavailable(f"backend {self._backend.name} not ready after {timeout_s} s: {health.detail}")
+            time.sleep(BACKEND_READY_POLL_S)

@@ -1,0 +1,43 @@
+"""Builds the real parts named by the configuration: the backend and the output store."""
+
+from __future__ import annotations
+
+import boto3
+from botocore.config import Config as BotoConfig
+
+from sdagent.backends.base import Backend
+from sdagent.config import BackendConfig, OutputsConfig
+from sdagent.outputs import OutputStore
+
+# Retries are the job loop's business (with backoff and a job-level attempt count): botocore
+# retries once more itself for throttling and dropped connections, in its standard mode.
+# SigV4 explicitly: botocore still presigns with SigV2 in us-east-1 when it is left unset.
+_S3_CONFIG = BotoConfig(
+    signature_version="s3v4", retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5, read_timeout=60
+)
+
+
+def build_backend(config: BackendConfig) -> Backend:
+    if config.kind == "simulated":
+        from sdagent.backends.simulated import SimulatedBackend
+
+        return SimulatedBackend(
+            config.models, step_latency_s=config.step_latency_s, switch_latency_s=config.switch_latency_s
+        )
+    raise ValueError(f"unknown backend kind {config.kind}")  # the config schema admits no other
+
+
+def build_outputs(config: OutputsConfig) -> OutputStore:
+    s3 = boto3.client("s3", region_name=config.region, endpoint_url=config.endpoint_url, config=_S3_CONFIG)
+    private_key = config.cloudfront_private_key_file.read_bytes() if config.cloudfront_private_key_file else None
+    return OutputStore(
+        s3,
+        config.bucket,
+        config.prefix,
+        cloudfront_domain=config.cloudfront_domain,
+        cloudfront_key_id=config.cloudfront_key_id,
+        cloudfront_private_key_pem=private_key,
+        url_ttl_s=config.url_ttl_s,
+        cache_control=config.cache_control,
+        multipart_threshold=config.multipart_threshold_bytes,
+    )

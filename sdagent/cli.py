@@ -1,0 +1,203 @@
+"""The ``sdagent`` command line: the daemon, the client commands and the operator tools.
+
+Only this module installs signal handlers and configures logging. Exit codes are
+:class:`sdagent.errors.ExitCode`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from sdagent.config import DEFAULT_CONFIG_PATH, Settings, load_settings
+from sdagent.errors import ConfigError, ExitCode, KafkaUnavailable, SdagentError
+from sdagent.logs import configure_logging
+
+log = structlog.get_logger("sdagent.cli")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return ExitCode.USAGE
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        print(f"sdagent: bad configuration: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    except KafkaUnavailable as exc:
+        print(f"sdagent: Kafka unavailable: {exc}", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+    except SdagentError as exc:
+        print(f"sdagent: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdagent", description="Stable Diffusion jobs from Kafka on a GPU fleet")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the agent daemon")
+    _add_config(run, default=DEFAULT_CONFIG_PATH)
+    run.set_defaults(handler=_run)
+
+    submit = commands.add_parser("submit", help="submit a job (waits for it by default)")
+    _add_config(submit)
+    submit.add_argument("--job", type=Path, help="a JSON job file ('-' for stdin); flags below override it")
+    submit.add_argument("--model")
+    submit.add_argument("--prompt")
+    submit.add_argument("--kind", choices=["txt2img", "img2img", "txt2vid", "workflow"])
+    submit.add_argument("--width", type=int)
+    submit.add_argument("--height", type=int)
+    submit.add_argument("--steps", type=int)
+    submit.add_argument("--seed", type=int)
+    submit.add_argument("--job-id")
+    submit.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="wait for the answer")
+    submit.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+    submit.add_argument("--json", action="store_true", help="print the answer as JSON, no progress bar")
+    submit.set_defaults(handler=_submit)
+
+    cancel = commands.add_parser("cancel", help="cancel a job, queued or running")
+    _add_config(cancel)
+    cancel.add_argument("job_id")
+    cancel.set_defaults(handler=_cancel)
+
+    schema = commands.add_parser("schema", help="print the job JSON Schema")
+    schema.set_defaults(handler=_schema)
+
+    topics = commands.add_parser("topics", help="manage the agent's topics")
+    topic_commands = topics.add_subparsers(metavar="ACTION")
+    create = topic_commands.add_parser("create", help="create missing topics")
+    _add_config(create)
+    create.add_argument("--replication-factor", type=int, help="override topics.replication_factor")
+    create.set_defaults(handler=_topics_create)
+
+    devstack = commands.add_parser("devstack", help="local Kafka + moto + simulated backend + agent, run demo jobs")
+    devstack.add_argument("--jobs", type=int, default=5, help="how many demo jobs (default 5)")
+    devstack.set_defaults(handler=_devstack)
+    return parser
+
+
+def _add_config(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
+    parser.add_argument("--config", type=Path, default=default, help=f"TOML config (default {default or 'none'})")
+    parser.add_argument("--bootstrap", help="Kafka bootstrap servers (overrides kafka.bootstrap_servers)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "bootstrap", None):
+        overrides["kafka"] = {"bootstrap_servers": args.bootstrap}
+    return load_settings(args.config, overrides)
+
+
+# --- run -------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sdagent.agent import Agent
+    from sdagent.assembly import build_backend, build_outputs
+
+    settings = _settings(args)
+    configure_logging(settings.logging.format, settings.logging.level)
+    agent = Agent(settings, build_backend(settings.backend), build_outputs(settings.outputs))
+    _install_signal_handlers(agent)
+    agent.start()
+    try:
+        agent.run()
+        agent.drain("stop requested")
+    finally:
+        agent.stop()
+    return ExitCode.OK
+
+
+def _install_signal_handlers(agent) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
+        agent.request_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+# --- client commands -------------------------------------------------------------------------
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from sdagent.client import Client
+    from sdagent.progress import ProgressView
+
+    settings = _settings(args)
+    configure_logging("console", "warning")
+    job = _job_from_args(args)
+    with Client(settings.kafka, settings.topics) as client:
+        if not args.wait:
+            queued = client.submit(job)
+            print(json.dumps({"job_id": queued.job_id, "status": "queued"}) if args.json else queued.job_id)
+            return ExitCode.OK
+        view = ProgressView(enabled=not args.json)
+        with view:
+            answer = client.run(job, timeout_s=args.timeout, on_event=view.update)
+    print(answer.model_dump_json(indent=2, exclude_none=True) if args.json else view.summary(answer))
+    return ExitCode.OK if answer.status.value == "succeeded" else ExitCode.FAILURE
+
+
+def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    job: dict[str, Any] = {}
+    if args.job is not None:
+        text = sys.stdin.read() if str(args.job) == "-" else args.job.read_text()
+        job = json.loads(text)
+    for flag, field in (("model", "model"), ("prompt", "prompt"), ("kind", "kind"), ("width", "width"),
+                        ("height", "height"), ("steps", "steps"), ("seed", "seed"), ("job_id", "job_id")):
+        value = getattr(args, flag)
+        if value is not None:
+            job[field] = value
+    return job
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from sdagent.client import Client
+
+    settings = _settings(args)
+    with Client(settings.kafka, settings.topics) as client:
+        client.cancel(args.job_id)
+    print(f"cancel requested for {args.job_id}")
+    return ExitCode.OK
+
+
+def _schema(_args: argparse.Namespace) -> int:
+    from sdagent.jobs import job_json_schema
+
+    print(json.dumps(job_json_schema(), indent=2))
+    return ExitCode.OK
+
+
+def _topics_create(args: argparse.Namespace) -> int:
+    from confluent_kafka.admin import AdminClient
+
+    from sdagent.kafka_clients import admin_config
+    from sdagent.topics import create_topics
+
+    settings = _settings(args)
+    configure_logging(settings.logging.format, settings.logging.level)
+    outcome = create_topics(AdminClient(admin_config(settings.kafka)), settings.topics, args.replication_factor)
+    for name, state in outcome.items():
+        print(f"{name}: {state}")
+    return ExitCode.OK
+
+
+def _devstack(args: argparse.Namespace) -> int:
+    from sdagent.devstack.stack import run_demo
+
+    configure_logging("console", "warning")
+    return run_demo(jobs=args.jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The agent's configuration: one typed object, built once at start-up and validated at the edge.
+
+Values come from a TOML file (``/etc/sdagent/sdagent.toml`` by default) and are overridden by
+``SDAGENT_<SECTION>__<KEY>`` environment variables (e.g. ``SDAGENT_KAFKA__BOOTSTRAP_SERVERS``), so a
+systemd drop-in or the launch template can change one value without templating the file. Every
+module below receives only the section it needs. A bad value raises :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from sdagent.errors import ConfigError
+from sdagent.jobs import TOPIC_PATTERN, Limits
+
+DEFAULT_CONFIG_PATH = Path("/etc/sdagent/sdagent.toml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaConfig(_Section):
+    """How to reach the cluster and how the fleet shares the jobs topic."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = Field("sdagent", min_length=1)
+    # "consumer" is KIP-848 (Kafka >= 4.0 brokers): incremental, broker-side assignment, so a scale
+    # event moves only the partitions that must move. "classic" falls back to cooperative-sticky.
+    group_protocol: Literal["consumer", "classic"] = "consumer"
+    # Static membership keeps a vanished instance's partitions idle until its session times out:
+    # good for in-place restarts, bad for spot instances that vanish; off by default (docs/kafka.md).
+    static_membership: bool = False
+    # Extra librdkafka settings for every client (security.protocol, sasl.*, ssl.*, client.rack).
+    client_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
+class TopicsConfig(_Section):
+    """Topic names and the layout ``sdagent topics create`` gives them."""
+
+    jobs: str = Field("sdagent.jobs", pattern=TOPIC_PATTERN)
+    results: str = Field("sdagent.results", pattern=TOPIC_PATTERN)
+    dead_letters: str = Field("sdagent.dead-letters", pattern=TOPIC_PATTERN)
+    control: str = Field("sdagent.control", pattern=TOPIC_PATTERN)
+    replies: str = Field("sdagent.replies", pattern=TOPIC_PATTERN)
+    # One job runs per partition holder at a time: partitions >= the fleet's maximum size.
+    jobs_partitions: int = Field(64, ge=1, le=10_000)
+    results_partitions: int = Field(16, ge=1, le=10_000)
+    replies_partitions: int = Field(16, ge=1, le=10_000)
+    replication_factor: int = Field(3, ge=1, le=16)
+    jobs_retention_h: float = Field(72, gt=0)
+    results_retention_h: float = Field(72, gt=0)
+    dead_letters_retention_h: float = Field(14 * 24, gt=0)
+    replies_retention_h: float = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> TopicsConfig:
+        names = [self.jobs, self.results, self.dead_letters, self.control, self.replies]
+        if len(set(names)) != len(names):
+            raise ValueError("topic names must all differ")
+        return self
+
+
+class RetryConfig(_Section):
+    """Backoff for transient backend and upload failures; after ``max_attempts`` the job fails."""
+
+    max_attempts: int = Field(4, ge=1, le=100)
+    initial_backoff_s: float = Field(0.5, gt=0)
+    max_backoff_s: float = Field(30.0, gt=0)
+
+
+class IdempotencyConfig(_Section):
+    """How long finished and cancelled job ids are remembered fleet-wide (docs/delivery.md)."""
+
+    window_s: float = Field(3600.0, ge=60)
+    # How long a redelivered job waits for this agent's view of the results topic to catch up.
+    catch_up_timeout_s: float = Field(10.0, gt=0)
+
+
+class OutputsConfig(_Section):
+    """Where outputs go and how their links are made."""
+
+    bucket: str = Field("sdagent-outputs", min_length=3, max_length=63)
+    prefix: str = Field("outputs", pattern=r"^[A-Za-z0-9][A-Za-z0-9/._=-]*$")
+    region: str | None = None
+    endpoint_url: str | None = None  # for S3-compatible stores and tests; AWS needs none
+    cloudfront_domain: str | None = None
+    cloudfront_key_id: str | None = None
+    cloudfront_private_key_file: Path | None = None
+    url_ttl_s: int = Field(86400, ge=60, le=7 * 86400)  # SigV4 presigned URLs end at 7 days
+    cache_control: str = "public, max-age=31536000, immutable"
+    multipart_threshold_bytes: int = Field(8 * 1024 * 1024, ge=5 * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _signing_needs_both(self) -> OutputsConfig:
+        if (self.cloudfront_key_id is None) != (self.cloudfront_private_key_file is None):
+            raise ValueError("cloudfront_key_id and cloudfront_private_key_file go together")
+        if self.cloudfront_key_id and not self.cloudfront_domain:
+            raise ValueError("signed CloudFront URLs need cloudfront_domain")
+        return self
+
+
+class BackendConfig(_Section):
+    """Which framework generates; the ``simulated`` one runs in-process for tests and the demo."""
+
+    kind: Literal["simulated"] = "simulated"
+    models: list[str] = Field(default_factory=lambda: ["sd15.safetensors"])
+    step_latency_s: float = Field(0.0, ge=0)
+    switch_latency_s: float = Field(0.0, ge=0)
+    # A job with no progress for this long is taken as hung and interrupted.
+    job_timeout_s: float = Field(900.0, gt=0)
+
+
+class LoggingConfig(_Section):
+    format: Literal["auto", "json", "console"] = "auto"  # auto: JSON under systemd or a pipe
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class AgentConfig(_Section):
+    instance_id: str = Field(default_factory=socket.gethostname, min_length=1)
+    # Minimum time between two progress events of one job; progress is advisory, keep it cheap.
+    progress_interval_s: float = Field(0.5, ge=0)
+    shutdown_timeout_s: float = Field(100.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """The whole configuration; sections as in ``docs/configuration.md``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SDAGENT_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    agent: AgentConfig = Field(default_factory=AgentConfig)
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    topics: TopicsConfig = Field(default_factory=TopicsConfig)
+    limits: Limits = Field(default_factory=Limits)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    backend: BackendConfig = Field(default_factory=BackendConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed as init values); no .env or secrets dir.
+        return env_settings, init_settings
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the configuration from ``path`` (optional), the environment and ``overrides``.
+
+    Raises ConfigError naming the first bad key, e.g. ``kafka.group_protocol: Input should be ...``.
+    """
+    values = _read_toml(path) if path is not None else {}
+    for section, section_values in (overrides or {}).items():
+        values.setdefault(section, {}).update(section_values)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        key = ".".join(str(part) for part in error["loc"]) or "(config)"
+        raise ConfigError(key, f"{error['msg']} (got {error.get('input')!r})") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"no such file: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from None

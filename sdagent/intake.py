@@ -1,0 +1,273 @@
+"""The Kafka side of the job loop: one member of the fleet's consumer group, one job at a time.
+
+While a job runs on the job thread, every assigned partition is paused and this loop keeps polling,
+so the group never sees a slow member however long the job takes (``max.poll.interval.ms`` only
+watches this thread). The paused set is tracked here and reconciled after every rebalance, because
+librdkafka can leave a partition paused across pause -> assign -> resume (librdkafka #5591).
+
+A job's offset is committed only after its answer is durable (the runner's ``Outcome.COMMIT``).
+A partition revoked or lost while its job runs takes the job back: the job is interrupted, answered
+``released``, and its offset is left for the partition's next owner.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from sdagent.runner import Delivery, JobControl, JobRunner, Outcome
+
+log = structlog.get_logger(__name__)
+
+IDLE_POLL_S = 0.1  # how long poll() waits when idle: bounds how fast a stop request is seen
+RETRY_LATER_BACKOFF_S = 2.0  # after an answer could not be made durable (broker away)
+REVOKE_WAIT_S = 30.0  # how long a rebalance waits for an interrupted job to hand back
+
+PartitionKey = tuple[str, int]
+
+
+@dataclass
+class _InFlight:
+    delivery: Delivery
+    control: JobControl
+    future: concurrent.futures.Future
+
+
+class Intake:
+    """Consumes the jobs topic and hands one job at a time to the runner."""
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        jobs_topic: str,
+        runner: JobRunner,
+        interrupt_backend: Callable[[], None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._consumer = consumer
+        self._jobs_topic = jobs_topic
+        self._runner = runner
+        self._interrupt_backend = interrupt_backend
+        self._clock = clock
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdagent-job")
+        self._inflight: _InFlight | None = None
+        # Records taken from Kafka but not yet run (fetched just before a pause, or to retry here).
+        self._held: collections.deque[Delivery] = collections.deque()
+        self._assigned: set[PartitionKey] = set()
+        self._paused: set[PartitionKey] = set()
+        self._fresh: set[PartitionKey] = set()  # assigned, nothing read yet: may redeliver
+        self._fetching = True
+        self._retry_at = 0.0
+        self._lock = threading.Lock()  # guards _inflight against the ledger's cancel callback
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._consumer.subscribe(
+            [self._jobs_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        log.info("intake.subscribed", topic=self._jobs_topic)
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll and run jobs until ``stop`` is set."""
+        while not stop.is_set():
+            self.step()
+
+    def step(self) -> None:
+        """One turn of the loop: wait a little, poll, finish a done job, start the next one."""
+        inflight = self._inflight
+        if inflight is not None:
+            concurrent.futures.wait([inflight.future], timeout=IDLE_POLL_S)
+            message = self._consumer.poll(0)
+        else:
+            message = self._consumer.poll(0 if self._held else IDLE_POLL_S)
+        self._finish_if_done()
+        if message is not None:
+            self._take(message)
+        self._reconcile_pause()
+        self._start_next()
+
+    def stop_fetching(self) -> None:
+        """Take no new job from now on (drain); the job in flight goes on."""
+        self._fetching = False
+        self._reconcile_pause()
+        log.info("intake.fetching_stopped", held=len(self._held))
+
+    def release_inflight(self, why: str, timeout_s: float = REVOKE_WAIT_S) -> None:
+        """Interrupt the running job and wait until it is handed back (or answered)."""
+        inflight = self._inflight
+        if inflight is None:
+            return
+        inflight.control.abort(why)
+        concurrent.futures.wait([inflight.future], timeout=timeout_s)
+        self._finish_if_done()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Keep polling (so the group stays healthy) until no job runs, up to ``timeout_s``."""
+        deadline = self._clock() + timeout_s
+        while self._inflight is not None and self._clock() < deadline:
+            self.step()
+        return self._inflight is None
+
+    def close(self) -> None:
+        """Leave the group at once so the partitions move now, not after a session timeout."""
+        self._held.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._consumer.close()
+        log.info("intake.closed")
+
+    @property
+    def busy(self) -> bool:
+        return self._inflight is not None
+
+    def cancel(self, job_id: str) -> None:
+        """Interrupt the running job if it is ``job_id`` (called from the ledger's reader thread)."""
+        with self._lock:
+            inflight = self._inflight
+            if inflight is not None and inflight.control.job_id == job_id:
+                inflight.control.abort("cancelled")
+                log.info("job.cancel_requested", job_id=job_id)
+
+    # --- records -----------------------------------------------------------------------------
+
+    def _take(self, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            # Broker-down and similar errors are transient: librdkafka reconnects on its own.
+            level = log.error if error.fatal() else log.warning
+            level("intake.consumer_error", error=str(error), code=error.code())
+            return
+        key = (message.topic(), message.partition())
+        if key not in self._assigned:
+            return  # from a partition revoked during this poll: its next owner reads it
+        timestamp_type, timestamp_ms = message.timestamp()
+        self._held.append(
+            Delivery(
+                topic=message.topic(),
+                partition=message.partition(),
+                offset=message.offset(),
+                value=message.value(),
+                timestamp_ms=timestamp_ms if timestamp_type else None,
+                possibly_redelivered=key in self._fresh,
+            )
+        )
+        self._fresh.discard(key)
+
+    def _start_next(self) -> None:
+        if self._inflight is not None or not self._held or not self._fetching or self._clock() < self._retry_at:
+            return
+        delivery = self._held.popleft()
+        control = JobControl(None, self._interrupt_backend)
+        with self._lock:
+            self._inflight = _InFlight(delivery, control, self._executor.submit(self._runner.run, delivery, control))
+        self._reconcile_pause()
+
+    def _finish_if_done(self) -> None:
+        inflight = self._inflight
+        if inflight is None or not inflight.future.done():
+            return
+        with self._lock:
+            self._inflight = None
+        delivery = inflight.delivery
+        try:
+            outcome = inflight.future.result()
+        except Exception:  # the runner answers every job; this is a bug, keep the job for a retry
+            log.exception("intake.runner_crashed", offset=delivery.offset)
+            outcome = Outcome.RETRY_LATER
+        key = (delivery.topic, delivery.partition)
+        if outcome is Outcome.COMMIT and key in self._assigned:
+            self._commit(delivery)
+        elif outcome is Outcome.RETRY_LATER and key in self._assigned:
+            self._held.appendleft(delivery)
+            self._retry_at = self._clock() + RETRY_LATER_BACKOFF_S
+        self._reconcile_pause()
+
+    def _commit(self, delivery: Delivery) -> None:
+        offsets = [TopicPartition(delivery.topic, delivery.partition, delivery.offset + 1)]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+        except Exception as exc:  # commit failures are retried by the next commit or redelivered
+            log.warning("intake.commit_failed", offset=delivery.offset, error=str(exc))
+
+    # --- pausing -----------------------------------------------------------------------------
+
+    def _reconcile_pause(self) -> None:
+        """Pause everything while a job runs, records wait, or intake is draining; else resume."""
+        want_paused = (
+            self._inflight is not None or bool(self._held) or not self._fetching or self._clock() < self._retry_at
+        )
+        if want_paused:
+            missing = self._assigned - self._paused
+            if missing:
+                self._consumer.pause(_partitions(missing))
+                self._paused |= missing
+        elif self._paused:
+            partitions = _partitions(self._paused)
+            self._consumer.resume(partitions)
+            self._paused.clear()
+            self._wake_fetcher(partitions)
+
+    def _wake_fetcher(self, partitions: list[TopicPartition]) -> None:
+        # Measured with librdkafka 2.16: after a pause longer than about a second, resume() alone
+        # leaves the next fetch ~500 ms late. Seeking to the position the partition already has
+        # restarts its fetcher at once; a partition with no position yet has nothing to restart.
+        for position in self._consumer.position(partitions):
+            if position.offset >= 0:
+                self._consumer.seek(position)
+
+    # --- rebalance callbacks (run inside poll) -----------------------------------------------
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._assigned |= keys
+        self._fresh |= keys
+        # A newly assigned partition starts unpaused; it is paused on the next reconcile if busy.
+        self._paused -= keys
+        log.info("intake.assigned", partitions=sorted(p for _, p in keys), total=len(self._assigned))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._give_back(partitions, lost=False)
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._give_back(partitions, lost=True)
+
+    def _give_back(self, partitions: list[TopicPartition], *, lost: bool) -> None:
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        inflight = self._inflight
+        if inflight is not None and (inflight.delivery.topic, inflight.delivery.partition) in keys:
+            self._settle_inflight_of_revoked(inflight, lost=lost)
+        self._held = collections.deque(d for d in self._held if (d.topic, d.partition) not in keys)
+        self._assigned -= keys
+        self._paused -= keys
+        self._fresh -= keys
+        log.info("intake.revoked", lost=lost, partitions=sorted(p for _, p in keys), total=len(self._assigned))
+
+    def _settle_inflight_of_revoked(self, inflight: _InFlight, *, lost: bool) -> None:
+        inflight.control.abort("revoked")
+        done, _ = concurrent.futures.wait([inflight.future], timeout=REVOKE_WAIT_S)
+        if not done:
+            # Still running: its answer, if it comes, is recognised by job id on redelivery.
+            log.error("intake.revoked_job_still_running", offset=inflight.delivery.offset)
+            return
+        with self._lock:
+            self._inflight = None
+        outcome = inflight.future.result() if inflight.future.exception() is None else Outcome.RELEASED
+        if outcome is Outcome.COMMIT and not lost:
+            # Answered just before the revoke: commit now, while the partition is still ours.
+            offsets = [TopicPartition(inflight.delivery.topic, inflight.delivery.partition, inflight.delivery.offset + 1)]
+            try:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
+            except Exception as exc:
+                log.warning("intake.commit_failed", offset=inflight.delivery.offset, error=str(exc))
+
+
+def _partitions(keys: set[PartitionKey]) -> list[TopicPartition]:
+    return [TopicPartition(topic, partition) for topic, partition in sorted(keys)]

@@ -1,0 +1,79 @@
+"""librdkafka settings for each client the agent and its callers create, in one place.
+
+Every setting that departs from librdkafka's default carries the reason; see docs/kafka.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from sdagent.config import KafkaConfig
+
+_LIBRDKAFKA_LOG = logging.getLogger("sdagent.librdkafka")
+
+
+def _base(kafka: KafkaConfig, client_id: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "client.id": client_id,
+        # librdkafka's own log lines go through logging (and so into the structured log), not stderr.
+        "logger": _LIBRDKAFKA_LOG,
+        **kafka.client_config,
+    }
+
+
+def producer_config(kafka: KafkaConfig, client_id: str) -> dict[str, Any]:
+    """Results, replies, dead letters and job submissions: durable and in order, sent at once."""
+    return {
+        **_base(kafka, client_id),
+        # acks=all + idempotence: a result is durable before the job's offset is committed, and a
+        # retried produce never duplicates or reorders it.
+        "acks": "all",
+        "enable.idempotence": True,
+        # A caller may be waiting for the answer: do not hold records back to batch them.
+        "linger.ms": 0,
+    }
+
+
+def jobs_consumer_config(kafka: KafkaConfig, instance_id: str) -> dict[str, Any]:
+    """The agent's member of the fleet's consumer group on the jobs topic."""
+    config = {
+        **_base(kafka, f"sdagent-{instance_id}"),
+        "group.id": kafka.group_id,
+        "group.protocol": kafka.group_protocol,
+        # Offsets are committed by the agent itself, only after the job's result is durable.
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        # A new group must start from the oldest job, never skip the backlog.
+        "auto.offset.reset": "earliest",
+        # Partitions are paused while a job runs and pausing drops the prefetch: keep it small.
+        # (queued.min.messages stays at its default: a low value makes librdkafka back off each
+        # fetch by fetch.queue.backoff.ms, a second, as soon as one record waits.)
+        "queued.max.messages.kbytes": 1024,
+        # fetch.wait.max.ms stays at its default (500): measured with librdkafka 2.16, a lower value
+        # delays the first fetch after resume() by ~800 ms (bench/pipeline.py shows it).
+    }
+    if kafka.group_protocol == "classic":
+        # Incremental rebalancing: a scale event moves only the partitions that must move.
+        config["partition.assignment.strategy"] = "cooperative-sticky"
+    if kafka.static_membership:
+        config["group.instance.id"] = instance_id
+    return config
+
+
+def reader_config(kafka: KafkaConfig, purpose: str) -> dict[str, Any]:
+    """A consumer that assigns partitions itself (no group membership, never commits)."""
+    return {
+        **_base(kafka, f"sdagent-{purpose}"),
+        # librdkafka wants a group id even for assign(); it is never joined or committed to.
+        "group.id": f"sdagent-{purpose}-{uuid.uuid4().hex[:12]}",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "latest",
+    }
+
+
+def admin_config(kafka: KafkaConfig) -> dict[str, Any]:
+    return _base(kafka, "sdagent-admin")

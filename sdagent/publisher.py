@@ -1,0 +1,155 @@
+"""Produces what the agent says about jobs: status events, replies to sync callers, dead letters.
+
+Every event goes to the results topic keyed by job id (so one job's events stay in order on one
+partition) and, when the job names a ``reply_to`` topic, to that topic as well. Terminal events are
+produced durably: :meth:`StatusPublisher.publish_durably` returns only once the broker has them with
+acks=all, and the job's offset is committed only after that.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import structlog
+from confluent_kafka import KafkaError, Message, Producer
+
+from sdagent.config import TopicsConfig
+from sdagent.errors import KafkaUnavailable
+from sdagent.jobs import StatusEvent
+
+log = structlog.get_logger(__name__)
+
+STATUS_HEADER = "sdagent-status"
+CORRELATION_HEADER = "correlation_id"
+
+
+@dataclass(frozen=True)
+class ReplyAddress:
+    """Where a sync caller waits: its reply topic (and partition) and its correlation id."""
+
+    topic: str
+    partition: int | None = None
+    correlation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """Where a dead-lettered message came from."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class _Deliveries:
+    """Counts outstanding deliveries of one durable publish and keeps the first error."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.error: KafkaError | None = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+
+    def expect(self) -> None:
+        with self._lock:
+            self.pending += 1
+            self.done.clear()
+
+    def __call__(self, error: KafkaError | None, _message: Message) -> None:
+        with self._lock:
+            if error is not None and self.error is None:
+                self.error = error
+            self.pending -= 1
+            if self.pending == 0:
+                self.done.set()
+
+
+class StatusPublisher:
+    """Publishes status events and dead letters through one shared idempotent producer."""
+
+    def __init__(self, producer: Producer, topics: TopicsConfig, agent_id: str, *, delivery_timeout_s: float = 30.0):
+        self._producer = producer
+        self._topics = topics
+        self._agent_id = agent_id
+        self._delivery_timeout_s = delivery_timeout_s
+
+    def publish(self, event: StatusEvent, reply: ReplyAddress | None = None) -> None:
+        """Queue an advisory event (accepted, started, progress); delivery is not awaited."""
+        self._produce_event(event, reply, self._log_failed_delivery)
+        self._producer.poll(0)
+
+    def publish_durably(self, event: StatusEvent, reply: ReplyAddress | None = None) -> None:
+        """Produce a terminal event and wait until the broker acknowledged every copy.
+
+        Raises KafkaUnavailable when a copy fails or is not acknowledged in time; the caller must
+        then not commit the job's offset.
+        """
+        deliveries = _Deliveries()
+        self._produce_event(event, reply, deliveries)
+        self._await(deliveries, f"status {event.status.value} of job {event.job_id}")
+
+    def dead_letter(
+        self, raw: bytes | None, source: SourceRecord, reason: str, message: str, job_id: str | None = None
+    ) -> None:
+        """Durably copy a message that could not be run to the dead-letter topic, with why."""
+        headers = [
+            ("sdagent-reason", reason.encode()),
+            ("sdagent-error", message.encode()[:4096]),
+            ("sdagent-source-topic", source.topic.encode()),
+            ("sdagent-source-partition", str(source.partition).encode()),
+            ("sdagent-source-offset", str(source.offset).encode()),
+            ("sdagent-agent", self._agent_id.encode()),
+        ]
+        if job_id:
+            headers.append(("sdagent-job-id", job_id.encode()))
+        deliveries = _Deliveries()
+        deliveries.expect()
+        self._producer.produce(
+            self._topics.dead_letters,
+            value=raw,
+            key=job_id.encode() if job_id else None,
+            headers=headers,
+            on_delivery=deliveries,
+        )
+        self._await(deliveries, f"dead letter from {source.topic}/{source.partition}@{source.offset}")
+        log.warning("job.dead_lettered", job_id=job_id, reason=reason, error=message, offset=source.offset)
+
+    def flush(self, timeout_s: float) -> int:
+        """Send what is queued; returns how many records are still undelivered."""
+        return self._producer.flush(timeout_s)
+
+    def _produce_event(self, event: StatusEvent, reply: ReplyAddress | None, on_delivery) -> None:
+        if event.agent is None:
+            event.agent = self._agent_id
+        value = event.to_bytes()
+        key = event.job_id.encode()
+        headers = [(STATUS_HEADER, event.status.value.encode())]
+        if event.correlation_id:
+            headers.append((CORRELATION_HEADER, event.correlation_id.encode()))
+        self._produce(self._topics.results, None, key, value, headers, on_delivery)
+        if reply is not None:
+            self._produce(reply.topic, reply.partition, key, value, headers, on_delivery)
+
+    def _produce(self, topic, partition, key, value, headers, on_delivery) -> None:
+        if isinstance(on_delivery, _Deliveries):
+            on_delivery.expect()
+        kwargs = {"partition": partition} if partition is not None else {}
+        try:
+            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery, **kwargs)
+        except BufferError:
+            # The local queue is full (broker away for long): make room, then try once more.
+            self._producer.poll(1.0)
+            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery, **kwargs)
+
+    def _await(self, deliveries: _Deliveries, what: str) -> None:
+        # flush() serves delivery callbacks; it returns early once the whole queue is empty.
+        self._producer.flush(self._delivery_timeout_s)
+        if not deliveries.done.wait(0) or deliveries.error is not None:
+            error = deliveries.error or "not acknowledged in time"
+            raise KafkaUnavailable(f"could not durably produce {what}: {error}")
+
+    @staticmethod
+    def _log_failed_delivery(error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            log.warning("status.delivery_failed", topic=message.topic(), error=str(error))

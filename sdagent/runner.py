@@ -1,0 +1,267 @@
+"""Runs one job from the jobs topic to its durable answer.
+
+:meth:`JobRunner.run` takes one Kafka record and returns what the intake loop must do with its
+offset: commit it (the job is answered: succeeded, failed, rejected, expired, cancelled, or it was
+already answered before), leave it for another agent (released), or try it again here later (the
+answer could not be produced durably). It never raises for a bad job.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import structlog
+import tenacity
+
+from sdagent.backends.base import Backend, Generation
+from sdagent.config import RetryConfig
+from sdagent.errors import TRANSIENT_ERRORS, JobAborted, JobFailed, JobRejected, KafkaUnavailable
+from sdagent.jobs import Job, Limits, OutputLink, Progress, Status, StatusEvent, parse_job
+from sdagent.ledger import JobLedger
+from sdagent.publisher import ReplyAddress, SourceRecord, StatusPublisher
+
+log = structlog.get_logger(__name__)
+
+
+class Outcome(enum.Enum):
+    COMMIT = "commit"  # answered, or answered before: move past it
+    RELEASED = "released"  # taken back (revoked, drained): another agent runs it
+    RETRY_LATER = "retry_later"  # the answer could not be made durable: run it again here
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One record from the jobs topic, as the runner needs it."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    timestamp_ms: int | None
+    possibly_redelivered: bool = False  # the first record of a partition after it was assigned
+
+    @property
+    def source(self) -> SourceRecord:
+        return SourceRecord(self.topic, self.partition, self.offset)
+
+    @property
+    def received_at(self) -> datetime:
+        seconds = self.timestamp_ms / 1000 if self.timestamp_ms else time.time()
+        return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+class JobControl:
+    """How the agent takes a running job back: set once, with why; interrupts the backend."""
+
+    def __init__(self, job_id: str | None, interrupt: Callable[[], None]) -> None:
+        self.job_id = job_id
+        self._interrupt = interrupt
+        self.event = threading.Event()
+        self.why: str | None = None
+
+    def abort(self, why: str) -> None:
+        if self.event.is_set():
+            return
+        self.why = why
+        self.event.set()
+        self._interrupt()
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise JobAborted(self.why or "aborted")
+
+    def sleep(self, seconds: float) -> None:
+        """Back off for ``seconds``, waking at once (with JobAborted) when the job is taken back."""
+        if self.event.wait(seconds):
+            raise JobAborted(self.why or "aborted")
+
+
+@dataclass
+class _Timings:
+    started: float = field(default_factory=time.perf_counter)
+    values: dict[str, float] = field(default_factory=dict)
+
+    def measure(self, name: str, since: float) -> None:
+        self.values[name] = round((time.perf_counter() - since) * 1000, 3)
+
+
+class JobRunner:
+    """Runs jobs one at a time on one backend; the intake loop owns the Kafka side."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        outputs,
+        publisher: StatusPublisher,
+        ledger: JobLedger,
+        *,
+        limits: Limits,
+        retry: RetryConfig,
+        catch_up_timeout_s: float,
+        progress_interval_s: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    ) -> None:
+        self._backend = backend
+        self._outputs = outputs
+        self._publisher = publisher
+        self._ledger = ledger
+        self._limits = limits
+        self._retry = retry
+        self._catch_up_timeout_s = catch_up_timeout_s
+        self._progress_interval_s = progress_interval_s
+        self._clock = clock
+
+    def run(self, delivery: Delivery, control: JobControl) -> Outcome:
+        try:
+            try:
+                job = parse_job(delivery.value, self._limits)
+            except JobRejected as rejection:
+                return self._reject(delivery, rejection)
+            control.job_id = job.job_id
+            with structlog.contextvars.bound_contextvars(job_id=job.job_id):
+                return self._run_valid(job, delivery, control)
+        except KafkaUnavailable as exc:
+            log.warning("job.answer_not_durable", job_id=control.job_id, offset=delivery.offset, error=str(exc))
+            return Outcome.RETRY_LATER
+
+    def _run_valid(self, job: Job, delivery: Delivery, control: JobControl) -> Outcome:
+        reply = _reply_address(job)
+        if delivery.possibly_redelivered and not self._ledger.wait_caught_up(self._catch_up_timeout_s):
+            log.warning("ledger.catch_up_timeout", timeout_s=self._catch_up_timeout_s)
+        answered = self._ledger.finished(job.job_id)
+        if answered is not None:
+            log.info("job.duplicate_skipped", answered=answered.value, offset=delivery.offset)
+            return Outcome.COMMIT
+        if self._ledger.cancelled(job.job_id):
+            return self._answer(job, reply, Status.CANCELLED, reason="cancelled", message="cancelled before it ran")
+        expires_at = job.expires_at(delivery.received_at)
+        if expires_at is not None and self._clock() >= expires_at:
+            return self._answer(job, reply, Status.EXPIRED, reason="expired", message=f"deadline {expires_at.isoformat()} passed")
+        self._publisher.publish(self._event(job, Status.ACCEPTED), reply)
+        return self._execute(job, delivery, reply, control)
+
+    def _execute(self, job: Job, delivery: Delivery, reply: ReplyAddress | None, control: JobControl) -> Outcome:
+        timings = _Timings()
+        timings.values["queue_wait_ms"] = round((self._clock() - delivery.received_at).total_seconds() * 1000, 3)
+        try:
+            generation = self._with_retries(lambda: self._generate(job, reply, control, timings), control)
+            since = time.perf_counter()
+            outputs = self._with_retries(lambda: self._outputs.store(job, generation.artifacts), control)
+            timings.measure("upload_ms", since)
+        except JobAborted as aborted:
+            return self._aborted(job, reply, aborted)
+        except JobFailed as failure:
+            return self._fail(job, delivery, reply, failure.reason, str(failure))
+        except Exception as exc:  # a bug must fail one job, never the daemon
+            log.exception("job.internal_error")
+            return self._fail(job, delivery, reply, "internal_error", f"{type(exc).__name__}: {exc}")
+        timings.measure("total_ms", timings.started)
+        log.info("job.succeeded", outputs=len(outputs), **timings.values)
+        return self._answer(job, reply, Status.SUCCEEDED, outputs=outputs, info=generation.info, timings=timings.values)
+
+    def _generate(self, job: Job, reply: ReplyAddress | None, control: JobControl, timings: _Timings) -> Generation:
+        control.check()
+        if self._backend.loaded_model() != job.model:
+            since = time.perf_counter()
+            self._backend.switch_model(job.model)
+            timings.measure("switch_ms", since)
+            log.info("model.switched", model=job.model, switch_ms=timings.values["switch_ms"])
+        self._publisher.publish(self._event(job, Status.STARTED), reply)
+        since = time.perf_counter()
+        generation = self._backend.generate(job, self._progress_reporter(job, reply), control.event)
+        timings.measure("inference_ms", since)
+        control.check()
+        return generation
+
+    def _with_retries(self, attempt: Callable, control: JobControl):
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(self._retry.max_attempts),
+            wait=tenacity.wait_exponential_jitter(initial=self._retry.initial_backoff_s, max=self._retry.max_backoff_s),
+            retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
+            sleep=control.sleep,
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        return retrying(attempt)
+
+    def _progress_reporter(self, job: Job, reply: ReplyAddress | None) -> Callable[[int, int], None]:
+        last_sent = 0.0
+
+        def report(step: int, steps: int) -> None:
+            nonlocal last_sent
+            now = time.monotonic()
+            if now - last_sent < self._progress_interval_s and step < steps:
+                return
+            last_sent = now
+            progress = Progress(step=step, steps=steps, fraction=round(step / steps, 4) if steps else 1.0)
+            self._publisher.publish(self._event(job, Status.PROGRESS, progress=progress), reply)
+
+        return report
+
+    # --- answers -----------------------------------------------------------------------------
+
+    def _aborted(self, job: Job, reply: ReplyAddress | None, aborted: JobAborted) -> Outcome:
+        if aborted.why == "cancelled":
+            return self._answer(job, reply, Status.CANCELLED, reason="cancelled", message="cancelled while running")
+        log.info("job.released", why=aborted.why)
+        self._publisher.publish(self._event(job, Status.RELEASED, reason=aborted.why), reply)
+        return Outcome.RELEASED
+
+    def _fail(self, job: Job, delivery: Delivery, reply: ReplyAddress | None, reason: str, message: str) -> Outcome:
+        log.warning("job.failed", reason=reason, error=message)
+        self._publisher.dead_letter(delivery.value, delivery.source, reason, message, job.job_id)
+        return self._answer(job, reply, Status.FAILED, reason=reason, message=message)
+
+    def _reject(self, delivery: Delivery, rejection: JobRejected) -> Outcome:
+        log.warning("job.rejected", job_id=rejection.job_id, reason=rejection.reason, error=rejection.message)
+        self._publisher.dead_letter(delivery.value, delivery.source, rejection.reason, rejection.message, rejection.job_id)
+        if rejection.job_id or rejection.reply_to:
+            event = StatusEvent(
+                job_id=rejection.job_id or "unknown",
+                status=Status.REJECTED,
+                correlation_id=rejection.correlation_id,
+                reason=rejection.reason,
+                message=rejection.message,
+            )
+            reply = None
+            if rejection.reply_to:
+                reply = ReplyAddress(rejection.reply_to, rejection.reply_partition, rejection.correlation_id)
+            self._publisher.publish_durably(event, reply)
+        return Outcome.COMMIT
+
+    def _answer(self, job: Job, reply: ReplyAddress | None, status: Status, **fields) -> Outcome:
+        self._publisher.publish_durably(self._event(job, status, **fields), reply)
+        self._ledger.record_finished(job.job_id, status)
+        if status is not Status.SUCCEEDED:
+            log.info("job.answered", status=status.value, reason=fields.get("reason"))
+        return Outcome.COMMIT
+
+    def _event(self, job: Job, status: Status, **fields) -> StatusEvent:
+        return StatusEvent(
+            job_id=job.job_id,
+            status=status,
+            attempt=job.attempt,
+            correlation_id=job.correlation_id,
+            metadata=job.metadata if status.is_terminal else {},
+            **fields,
+        )
+
+
+def _reply_address(job: Job) -> ReplyAddress | None:
+    if job.reply_to is None:
+        return None
+    return ReplyAddress(job.reply_to, job.reply_partition, job.correlation_id)
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    log.warning(
+        "job.retrying",
+        attempt=state.attempt_number,
+        error=str(state.outcome.exception()) if state.outcome else None,
+        backoff_s=round(state.upcoming_sleep, 3),
+    )

@@ -1,0 +1,59 @@
+import pytest
+
+from sdagent.config import load_settings
+from sdagent.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "sdagent.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_need_no_file():
+    settings = load_settings()
+    assert settings.kafka.group_protocol == "consumer"
+    assert settings.kafka.static_membership is False
+
+
+def test_file_values_are_read(tmp_path):
+    settings = load_settings(write(tmp_path, '[kafka]\nbootstrap_servers = "b:9092"\n[limits]\nmax_width = 1024\n'))
+    assert settings.kafka.bootstrap_servers == "b:9092"
+    assert settings.limits.max_width == 1024
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDAGENT_KAFKA__BOOTSTRAP_SERVERS", "env:9092")
+    settings = load_settings(write(tmp_path, '[kafka]\nbootstrap_servers = "file:9092"\n'))
+    assert settings.kafka.bootstrap_servers == "env:9092"
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ('[kafka]\ngroup_protocol = "eager"\n', "kafka.group_protocol"),
+        ("[kafka]\nbootstrap = 1\n", "kafka.bootstrap"),
+        ("[limits]\nmax_width = -5\n", "limits.max_width"),
+        ('[topics]\njobs = "a"\nresults = "a"\n', "topics"),
+        ('[outputs]\ncloudfront_key_id = "K1"\n', "outputs"),
+        ("[nonsense]\nx = 1\n", "nonsense"),
+    ],
+)
+def test_bad_value_names_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    assert caught.value.key == key
+
+
+def test_bad_environment_value_names_the_key(monkeypatch):
+    monkeypatch.setenv("SDAGENT_RETRY__MAX_ATTEMPTS", "many")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.key == "retry.max_attempts"
+
+
+def test_missing_or_broken_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(write(tmp_path, "[kafka\n"))
