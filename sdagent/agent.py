@@ -49,6 +49,7 @@ class Agent:
         self.publisher = StatusPublisher(self._producer, settings.topics, agent_id)
         self.ledger = JobLedger(
             consumer_factory(reader_config(settings.kafka, "ledger")),
+            consumer_factory(reader_config(settings.kafka, "ledger-probe")),
             settings.topics.results,
             settings.topics.control,
             settings.idempotency.window_s,

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import structlog
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from sdagent.jobs import TERMINAL_STATUSES, Status
 from sdagent.publisher import STATUS_HEADER
@@ -25,6 +25,7 @@ log = structlog.get_logger(__name__)
 
 POLL_S = 0.1
 METADATA_TIMEOUT_S = 10.0
+START_RETRY_S = 0.2
 _TERMINAL_HEADER_VALUES = {status.value.encode(): status for status in TERMINAL_STATUSES}
 
 CancelListener = Callable[[str], None]
@@ -62,6 +63,7 @@ class JobLedger:
     def __init__(
         self,
         consumer: Consumer,
+        probe: Consumer,
         results_topic: str,
         control_topic: str,
         window_s: float,
@@ -69,6 +71,9 @@ class JobLedger:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._consumer = consumer
+        # Watermark queries go through a second, idle client: on the reader's own connection they
+        # would queue behind its long-poll fetch (a broker answers one connection in order).
+        self._probe = probe
         self._topics = (results_topic, control_topic)
         self._results_topic = results_topic
         self._window_s = window_s
@@ -81,7 +86,6 @@ class JobLedger:
         # Next offset to read per partition, tracked here: librdkafka's position() stays unset
         # for a partition that was assigned at its end and has not received a record since.
         self._positions: dict[tuple[str, int], int] = {}
-        self._catch_up_requested = False
         self._catch_up_targets: dict[tuple[str, int], int] | None = None
         self._caught_up = threading.Event()
         self._catch_up_lock = threading.Lock()
@@ -92,7 +96,7 @@ class JobLedger:
 
     def start(self) -> None:
         """Assign every partition from ``window_s`` ago and start reading in the background."""
-        self._partitions = self._start_positions()
+        self._partitions = self._with_retries(self._start_positions)
         self._consumer.assign(self._partitions)
         self._thread = threading.Thread(target=self._run, name="sdagent-ledger", daemon=True)
         self._thread.start()
@@ -103,6 +107,7 @@ class JobLedger:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._consumer.close()
+        self._probe.close()
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -128,12 +133,12 @@ class JobLedger:
         """Block until everything produced before this call has been read; False on timeout.
 
         Used before running a job that may be a redelivery, so a result another agent produced
-        just before it lost the partition is seen. The reader thread takes the high watermarks
-        itself: librdkafka blocks a watermark query made while another thread polls.
+        just before it lost the partition is seen.
         """
+        targets = self._high_watermarks()
         with self._catch_up_lock:
             self._caught_up.clear()
-            self._catch_up_requested = True
+            self._catch_up_targets = targets
         return self._caught_up.wait(timeout_s)
 
     # --- reader thread -----------------------------------------------------------------------
@@ -169,9 +174,6 @@ class JobLedger:
 
     def _check_caught_up(self) -> None:
         with self._catch_up_lock:
-            if self._catch_up_requested:
-                self._catch_up_requested = False
-                self._catch_up_targets = self._high_watermarks()
             targets = self._catch_up_targets
             if targets is None:
                 return
@@ -181,10 +183,23 @@ class JobLedger:
             self._catch_up_targets = None
             self._caught_up.set()
 
+    def _with_retries(self, query):
+        # Right after topics are created or a broker restarts, partitions have no leader for a
+        # moment (NOT_LEADER_FOR_PARTITION): that is worth waiting out, not failing start-up.
+        deadline = self._clock() + METADATA_TIMEOUT_S
+        while True:
+            try:
+                return query()
+            except KafkaException as exc:
+                if exc.args[0].fatal() or self._clock() >= deadline:
+                    raise
+                log.info("ledger.metadata_retry", error=str(exc))
+                time.sleep(START_RETRY_S)
+
     def _high_watermarks(self) -> dict[tuple[str, int], int]:
         marks = {}
         for tp in self._partitions:
-            _low, high = self._consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S, cached=False)
+            _low, high = self._probe.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S, cached=False)
             marks[(tp.topic, tp.partition)] = high
         return marks
 

@@ -154,7 +154,8 @@ class JobRunner:
             outputs = self._with_retries(lambda: self._outputs.store(job, generation.artifacts), control)
             timings.measure("upload_ms", since)
         except JobAborted as aborted:
-            return self._aborted(job, reply, aborted)
+            # The backend only knows it was interrupted; the control knows why.
+            return self._aborted(job, reply, control.why or aborted.why)
         except JobFailed as failure:
             return self._fail(job, delivery, reply, failure.reason, str(failure))
         except Exception as exc:  # a bug must fail one job, never the daemon
@@ -162,7 +163,7 @@ class JobRunner:
             return self._fail(job, delivery, reply, "internal_error", f"{type(exc).__name__}: {exc}")
         timings.measure("total_ms", timings.started)
         log.info("job.succeeded", outputs=len(outputs), **timings.values)
-        return self._answer(job, reply, Status.SUCCEEDED, outputs=outputs, info=generation.info, timings=timings.values)
+        return self._answer(job, reply, Status.SUCCEEDED, outputs=outputs, info=generation.info, timings_ms=timings.values)
 
     def _generate(self, job: Job, reply: ReplyAddress | None, control: JobControl, timings: _Timings) -> Generation:
         control.check()
@@ -181,7 +182,7 @@ class JobRunner:
     def _with_retries(self, attempt: Callable, control: JobControl):
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self._retry.max_attempts),
-            wait=tenacity.wait_exponential_jitter(initial=self._retry.initial_backoff_s, max=self._retry.max_backoff_s),
+            wait=tenacity.wait_exponential_jitter(multiplier=self._retry.initial_backoff_s, max=self._retry.max_backoff_s),
             retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
             sleep=control.sleep,
             before_sleep=_log_retry,
@@ -205,11 +206,11 @@ class JobRunner:
 
     # --- answers -----------------------------------------------------------------------------
 
-    def _aborted(self, job: Job, reply: ReplyAddress | None, aborted: JobAborted) -> Outcome:
-        if aborted.why == "cancelled":
+    def _aborted(self, job: Job, reply: ReplyAddress | None, why: str) -> Outcome:
+        if why == "cancelled":
             return self._answer(job, reply, Status.CANCELLED, reason="cancelled", message="cancelled while running")
-        log.info("job.released", why=aborted.why)
-        self._publisher.publish(self._event(job, Status.RELEASED, reason=aborted.why), reply)
+        log.info("job.released", why=why)
+        self._publisher.publish(self._event(job, Status.RELEASED, reason=why), reply)
         return Outcome.RELEASED
 
     def _fail(self, job: Job, delivery: Delivery, reply: ReplyAddress | None, reason: str, message: str) -> Outcome:

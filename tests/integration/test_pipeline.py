@@ -1,0 +1,173 @@
+"""The job pipeline end to end on the real broker, moto S3 and the simulated backend."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from datetime import datetime, timedelta, timezone
+
+from PIL import Image
+
+from sdagent.jobs import Status
+
+MODEL = "sd15.safetensors"
+
+
+def job(**fields) -> dict:
+    return {"model": MODEL, "prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 4, **fields}
+
+
+def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return False
+
+
+def headers_of(message) -> dict[str, str]:
+    return {name: value.decode() for name, value in message.headers() or ()}
+
+
+def test_sync_job_succeeds_with_a_link_that_serves_the_image(pipeline):
+    pipeline.start_agent()
+    seen = []
+    answer = pipeline.client.run(job(seed=7), timeout_s=30, on_event=lambda e: seen.append(e.status))
+    assert answer.status is Status.SUCCEEDED
+    assert [Status.ACCEPTED, Status.STARTED] == seen[:2] and seen[-1] is Status.SUCCEEDED
+    assert answer.info["seed"] == 7 and answer.info["simulator"] is True
+    assert {"queue_wait_ms", "inference_ms", "upload_ms", "total_ms"} <= answer.timings_ms.keys()
+    (output,) = answer.outputs
+    with urllib.request.urlopen(output.url, timeout=10) as response:
+        image = Image.open(response)
+        assert image.size == (64, 64) and image.format == "PNG"
+
+
+def test_async_job_is_answered_on_the_results_topic(pipeline):
+    pipeline.start_agent()
+    queued = pipeline.client.submit(job(metadata={"order": 42}))
+    events = pipeline.events(queued.job_id)
+    terminal = [e for e in events if e.status.is_terminal]
+    assert [e.status for e in terminal] == [Status.SUCCEEDED]
+    assert terminal[0].metadata == {"order": 42}
+
+
+def test_poison_messages_go_to_the_dead_letter_topic_and_the_agent_carries_on(pipeline):
+    pipeline.start_agent()
+    pipeline.produce_raw(b"{this is not json")
+    pipeline.produce_raw(json.dumps(job(schema_version=9)).encode())
+    pipeline.produce_raw(None)
+    pipeline.produce_raw(json.dumps(job(width=100, job_id="bad-width", correlation_id="c-1")).encode())
+    (rejected,) = pipeline.events("bad-width")
+    assert rejected.status is Status.REJECTED and rejected.reason == "invalid" and "width" in rejected.message
+    assert rejected.correlation_id == "c-1"
+
+    letters = pipeline.read(pipeline.settings.topics.dead_letters, 4)
+    reasons = sorted(headers_of(m)["sdagent-reason"] for m in letters)
+    assert reasons == ["invalid", "invalid", "not_json", "schema_version"]
+    not_json = next(m for m in letters if headers_of(m)["sdagent-reason"] == "not_json")
+    assert not_json.value() == b"{this is not json"
+    assert headers_of(not_json)["sdagent-source-topic"] == pipeline.settings.topics.jobs
+    assert int(headers_of(not_json)["sdagent-source-offset"]) >= 0
+
+    assert pipeline.client.run(job(), timeout_s=30).status is Status.SUCCEEDED
+
+
+def test_transient_backend_failures_are_retried_then_succeed(pipeline):
+    agent = pipeline.start_agent()
+    agent.backend.faults.fail_next(2, transient=True)
+    answer = pipeline.client.run(job(), timeout_s=30)
+    assert answer.status is Status.SUCCEEDED
+    assert agent.backend.faults.calls == 3
+
+
+def test_a_job_failing_every_attempt_fails_and_is_dead_lettered(pipeline):
+    agent = pipeline.start_agent(retry={"max_attempts": 3})
+    agent.backend.faults.fail_next(10, transient=True)
+    answer = pipeline.client.run(job(job_id="always-failing"), timeout_s=30)
+    assert answer.status is Status.FAILED and answer.reason == "backend_unavailable"
+    assert agent.backend.faults.calls == 3
+    (letter,) = pipeline.read(pipeline.settings.topics.dead_letters, 1)
+    assert headers_of(letter)["sdagent-job-id"] == "always-failing"
+    assert headers_of(letter)["sdagent-reason"] == "backend_unavailable"
+
+
+def test_permanent_backend_error_fails_without_retrying(pipeline):
+    agent = pipeline.start_agent()
+    agent.backend.faults.fail_next(1, transient=False, message="CUDA out of memory")
+    answer = pipeline.client.run(job(), timeout_s=30)
+    assert answer.status is Status.FAILED and "out of memory" in answer.message
+    assert agent.backend.faults.calls == 1
+
+
+def test_expired_job_is_answered_without_running(pipeline):
+    agent = pipeline.start_agent()
+    past = datetime.now(timezone.utc) - timedelta(seconds=5)
+    answer = pipeline.client.run(job(deadline=past.isoformat()), timeout_s=30)
+    assert answer.status is Status.EXPIRED
+    assert agent.backend.faults.calls == 0
+
+
+def test_unknown_model_fails_with_a_clear_reason(pipeline):
+    pipeline.start_agent()
+    answer = pipeline.client.run(job(model="nope.safetensors"), timeout_s=30)
+    assert answer.status is Status.FAILED and answer.reason == "model_not_found"
+
+
+def test_cancelling_a_running_job_interrupts_it(pipeline):
+    agent = pipeline.start_agent(backend={"step_latency_s": 0.5})
+    queued = pipeline.client.submit(job(job_id="long-running", steps=60))
+    assert wait_until(lambda: agent.agent.intake.busy)
+    started = time.monotonic()
+    pipeline.client.cancel(queued.job_id)
+    events = pipeline.events(queued.job_id)
+    assert [e.status for e in events if e.status.is_terminal] == [Status.CANCELLED]
+    assert time.monotonic() - started < 10  # 60 steps would take 30 s
+
+
+def test_cancelling_a_queued_job_answers_it_without_running(pipeline):
+    agent = pipeline.start_agent(backend={"step_latency_s": 0.2})
+    # Both on one partition (same key routing is not needed: one agent runs one job at a time).
+    blocker = pipeline.client.submit(job(job_id="blocker", steps=15))
+    assert wait_until(lambda: agent.agent.intake.busy)
+    waiting = pipeline.client.submit(job(job_id="waiting"))
+    pipeline.client.cancel(waiting.job_id)
+    waiting_events = pipeline.events(waiting.job_id)
+    assert [e.status for e in waiting_events if e.status.is_terminal] == [Status.CANCELLED]
+    assert Status.STARTED not in [e.status for e in waiting_events]
+    assert [e.status for e in pipeline.events(blocker.job_id) if e.status.is_terminal] == [Status.SUCCEEDED]
+
+
+def test_a_job_id_answered_before_is_not_run_again(pipeline):
+    agent = pipeline.start_agent()
+    first = pipeline.client.run(job(job_id="submitted-twice"), timeout_s=30)
+    assert first.status is Status.SUCCEEDED
+    pipeline.client.submit(job(job_id="submitted-twice"))
+    marker = pipeline.client.run(job(job_id="after-the-duplicate"), timeout_s=30)
+    assert marker.status is Status.SUCCEEDED
+    events = pipeline.events("submitted-twice")
+    assert [e.status for e in events if e.status.is_terminal] == [Status.SUCCEEDED]
+    assert agent.backend.faults.calls == 2
+
+
+def test_two_agents_share_the_work(pipeline):
+    pipeline.start_agent(backend={"step_latency_s": 0.02})
+    pipeline.start_agent(backend={"step_latency_s": 0.02})
+    assert wait_until(lambda: all(len(a.agent.intake._assigned) == 1 for a in pipeline.agents), timeout_s=30)
+    answers, lock = [], threading.Lock()
+
+    def submit(index: int) -> None:
+        answer = pipeline.client.run(job(job_id=f"shared-{index}", steps=10), timeout_s=60)
+        with lock:
+            answers.append(answer)
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(a.status is Status.SUCCEEDED for a in answers) and len(answers) == 16
+    assert {a.agent for a in answers} == {"agent-0", "agent-1"}
