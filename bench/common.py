@@ -68,13 +68,17 @@ class Services:
         self.moto = MotoServer()
 
     def __enter__(self) -> Services:
-        started = time.monotonic()
-        self.broker.start()
-        say(f"kafka up at {self.broker.bootstrap} ({time.monotonic() - started:.1f} s)")
-        started = time.monotonic()
-        self.moto.start()
-        aws_client("s3", self.moto.endpoint).create_bucket(Bucket=self.bucket)
-        say(f"moto S3 up at {self.moto.endpoint}, bucket {self.bucket} ({time.monotonic() - started:.1f} s)")
+        try:
+            started = time.monotonic()
+            self.broker.start()
+            say(f"kafka up at {self.broker.bootstrap} ({time.monotonic() - started:.1f} s)")
+            started = time.monotonic()
+            self.moto.start()
+            aws_client("s3", self.moto.endpoint).create_bucket(Bucket=self.bucket)
+            say(f"moto S3 up at {self.moto.endpoint}, bucket {self.bucket} ({time.monotonic() - started:.1f} s)")
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -103,13 +107,18 @@ def use_log_append_time(bootstrap: str, topic: str) -> None:
             ConfigEntry("message.timestamp.type", "LogAppendTime", incremental_operation=AlterConfigOpType.SET)
         ],
     )
-    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until the futures resolve
+    admin = AdminClient(admin_config(bootstrap))  # kept alive until the futures resolve
     for future in admin.incremental_alter_configs([resource]).values():
         future.result(timeout=30)
 
 
+def admin_config(bootstrap: str) -> dict[str, Any]:
+    # Warnings and worse only: a short-lived admin client logs a notice to stderr as it is destroyed.
+    return {"bootstrap.servers": bootstrap, "log_level": 4}
+
+
 def create_plain_topics(bootstrap: str, partitions: dict[str, int]) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(admin_config(bootstrap))
     topics = [NewTopic(name, num_partitions=count, replication_factor=1) for name, count in partitions.items()]
     for future in admin.create_topics(topics, request_timeout=30).values():
         future.result(timeout=30)
@@ -186,7 +195,7 @@ def agent_log_tail(workdir: Path, name: str, lines: int = 20) -> str:
 
 def group_assignment(bootstrap: str, group_id: str) -> dict[str, int]:
     """Partitions held per member (client id -> count) of a consumer group, as the broker sees it."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(admin_config(bootstrap))
     future = admin.describe_consumer_groups([group_id], request_timeout=10)[group_id]
     description = future.result(timeout=15)
     return {

@@ -63,6 +63,7 @@ class Intake:
         self._held: collections.deque[Delivery] = collections.deque()
         self._assigned: set[PartitionKey] = set()
         self._paused: set[PartitionKey] = set()
+        self._pause_unknown: set[PartitionKey] = set()  # newly assigned: librdkafka may keep a pause
         self._fresh: set[PartitionKey] = set()  # assigned, nothing read yet: may redeliver
         self._fetching = True
         self._retry_at = 0.0
@@ -209,10 +210,12 @@ class Intake:
             if missing:
                 self._consumer.pause(_partitions(missing))
                 self._paused |= missing
-        elif self._paused:
-            partitions = _partitions(self._paused)
+                self._pause_unknown -= missing
+        elif self._paused or self._pause_unknown:
+            partitions = _partitions((self._paused | self._pause_unknown) & self._assigned)
             self._consumer.resume(partitions)
             self._paused.clear()
+            self._pause_unknown.clear()
             self._wake_fetcher(partitions)
 
     def _wake_fetcher(self, partitions: list[TopicPartition]) -> None:
@@ -229,8 +232,10 @@ class Intake:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned |= keys
         self._fresh |= keys
-        # A newly assigned partition starts unpaused; it is paused on the next reconcile if busy.
+        # librdkafka may hand a partition back still paused (librdkafka #5591): the next reconcile
+        # pauses it while a job runs, or resumes it explicitly.
         self._paused -= keys
+        self._pause_unknown |= keys
         log.info("intake.assigned", partitions=sorted(p for _, p in keys), total=len(self._assigned))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -247,6 +252,7 @@ class Intake:
         self._held = collections.deque(d for d in self._held if (d.topic, d.partition) not in keys)
         self._assigned -= keys
         self._paused -= keys
+        self._pause_unknown -= keys
         self._fresh -= keys
         log.info("intake.revoked", lost=lost, partitions=sorted(p for _, p in keys), total=len(self._assigned))
 

@@ -56,8 +56,9 @@ def jobs_consumer_config(kafka: KafkaConfig, instance_id: str) -> dict[str, Any]
         # delays the first fetch after resume() by ~800 ms (bench/pipeline.py shows it).
     }
     if kafka.group_protocol == "classic":
-        # Incremental rebalancing: a scale event moves only the partitions that must move.
-        config["partition.assignment.strategy"] = "cooperative-sticky"
+        # Incremental rebalancing: a scale event moves only the partitions that must move
+        # (kafka.client_config may choose another assignor).
+        config.setdefault("partition.assignment.strategy", "cooperative-sticky")
     if kafka.static_membership:
         config["group.instance.id"] = instance_id
     return config
