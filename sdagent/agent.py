@@ -18,9 +18,11 @@ from confluent_kafka import Consumer, Producer
 from sdagent.backends.base import Backend
 from sdagent.config import Settings
 from sdagent.errors import BackendUnavailable
+from sdagent.inputs import InputResolver
 from sdagent.intake import Intake
 from sdagent.kafka_clients import jobs_consumer_config, producer_config, reader_config
 from sdagent.ledger import JobLedger
+from sdagent.outputs import OutputStore
 from sdagent.publisher import StatusPublisher
 from sdagent.runner import JobRunner
 
@@ -37,7 +39,8 @@ class Agent:
         self,
         settings: Settings,
         backend: Backend,
-        outputs,
+        inputs: InputResolver,
+        outputs: OutputStore,
         *,
         consumer_factory: Callable[[dict], Consumer] = Consumer,
         producer_factory: Callable[[dict], Producer] = Producer,
@@ -56,6 +59,7 @@ class Agent:
         )
         runner = JobRunner(
             backend,
+            inputs,
             outputs,
             self.publisher,
             self.ledger,

@@ -1,4 +1,4 @@
-"""Builds the real parts named by the configuration: the backend and the output store."""
+"""Builds the real parts named by the configuration: the backend, the S3 inputs and outputs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from botocore.config import Config as BotoConfig
 
 from sdagent.backends.base import Backend
 from sdagent.config import BackendConfig, OutputsConfig
+from sdagent.inputs import InputResolver
 from sdagent.outputs import OutputStore
 
 # Retries are the job loop's business (with backoff and a job-level attempt count): botocore
@@ -27,11 +28,18 @@ def build_backend(config: BackendConfig) -> Backend:
     raise ValueError(f"unknown backend kind {config.kind}")  # the config schema admits no other
 
 
-def build_outputs(config: OutputsConfig) -> OutputStore:
-    s3 = boto3.client("s3", region_name=config.region, endpoint_url=config.endpoint_url, config=_S3_CONFIG)
+def build_s3_client(config: OutputsConfig):
+    return boto3.client("s3", region_name=config.region, endpoint_url=config.endpoint_url, config=_S3_CONFIG)
+
+
+def build_inputs(s3_client) -> InputResolver:
+    return InputResolver(s3_client)
+
+
+def build_outputs(config: OutputsConfig, s3_client) -> OutputStore:
     private_key = config.cloudfront_private_key_file.read_bytes() if config.cloudfront_private_key_file else None
     return OutputStore(
-        s3,
+        s3_client,
         config.bucket,
         config.prefix,
         cloudfront_domain=config.cloudfront_domain,

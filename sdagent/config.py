@@ -106,15 +106,43 @@ class OutputsConfig(_Section):
         return self
 
 
-class BackendConfig(_Section):
-    """Which framework generates; the ``simulated`` one runs in-process for tests and the demo."""
+class ProcessConfig(_Section):
+    """How the agent launches and supervises the WebUI (``[backend.process]``).
 
-    kind: Literal["simulated"] = "simulated"
+    No ``command`` means the WebUI is managed elsewhere (its own systemd unit): the agent attaches
+    to ``backend.url`` and only probes it.
+    """
+
+    command: list[str] | None = None  # e.g. ["./webui.sh", "--api", "--nowebui", "--port", "7861"]
+    cwd: Path | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    ready_timeout_s: float = Field(300.0, gt=0)
+    restart_backoff_initial_s: float = Field(1.0, gt=0)
+    restart_backoff_max_s: float = Field(60.0, gt=0)
+    # More restarts than this within the window is a crash loop: reported, backoff at its cap.
+    crash_loop_restarts: int = Field(5, ge=1)
+    crash_loop_window_s: float = Field(300.0, gt=0)
+    stop_timeout_s: float = Field(20.0, gt=0)
+    max_rss_bytes: int | None = Field(None, gt=0)  # restart between jobs above this resident size
+    max_gpu_memory_bytes: int | None = Field(None, gt=0)
+
+
+class BackendConfig(_Section):
+    """Which framework generates; ``simulated`` runs in-process for tests and the demo."""
+
+    kind: Literal["simulated", "a1111", "comfyui"] = "simulated"
+    url: str = "http://127.0.0.1:7861"  # A1111 --nowebui listens on 7861; ComfyUI on 8188
     models: list[str] = Field(default_factory=lambda: ["sd15.safetensors"])
-    step_latency_s: float = Field(0.0, ge=0)
-    switch_latency_s: float = Field(0.0, ge=0)
-    # A job with no progress for this long is taken as hung and interrupted.
+    step_latency_s: float = Field(0.0, ge=0)  # simulated only
+    switch_latency_s: float = Field(0.0, ge=0)  # simulated only
+    request_timeout_s: float = Field(30.0, gt=0)
+    progress_poll_s: float = Field(0.5, gt=0)
+    # A job past this is hung: interrupted, then the process group is killed and restarted.
     job_timeout_s: float = Field(900.0, gt=0)
+    # No progress for this long is also a hang.
+    stall_timeout_s: float = Field(120.0, gt=0)
+    workflows_dir: Path | None = None  # ComfyUI workflow templates that override the built-in ones
+    process: ProcessConfig = Field(default_factory=ProcessConfig)
 
 
 class LoggingConfig(_Section):

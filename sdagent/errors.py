@@ -117,9 +117,21 @@ class OutputUnavailable(OutputError):
     reason = "output_unavailable"
 
 
+class InputError(JobFailed):
+    """Raised when a job's input (an img2img init image in S3) is missing, refused or too large."""
+
+    reason = "input_error"
+
+
+class InputUnavailable(InputError):
+    """Raised when the input store fails transiently; retried with backoff."""
+
+    reason = "input_unavailable"
+
+
 class KafkaUnavailable(SdagentError):
     """Raised when the Kafka cluster cannot be reached or a record cannot be durably produced."""
 
 
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (BackendUnavailable, OutputUnavailable)
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (BackendUnavailable, OutputUnavailable, InputUnavailable)
 """Failures worth retrying with backoff before the job is failed."""

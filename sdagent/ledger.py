@@ -18,6 +18,7 @@ from collections.abc import Callable
 import structlog
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import TERMINAL_STATUSES, Status
 from sdagent.publisher import STATUS_HEADER
 
@@ -96,7 +97,10 @@ class JobLedger:
 
     def start(self) -> None:
         """Assign every partition from ``window_s`` ago and start reading in the background."""
-        self._partitions = self._with_retries(self._start_positions)
+        try:
+            self._partitions = self._with_retries(self._start_positions)
+        except KafkaException as exc:
+            raise KafkaUnavailable(f"cannot read {', '.join(self._topics)}: {exc}") from exc
         self._consumer.assign(self._partitions)
         self._thread = threading.Thread(target=self._run, name="sdagent-ledger", daemon=True)
         self._thread.start()
@@ -209,7 +213,7 @@ class JobLedger:
         wanted = []
         for topic in self._topics:
             if topic not in metadata.topics or metadata.topics[topic].error is not None:
-                raise RuntimeError(f"topic {topic} does not exist; run `sdagent topics create`")
+                raise KafkaUnavailable(f"topic {topic} does not exist; run `sdagent topics create`")
             wanted += [TopicPartition(topic, p, since_ms) for p in metadata.topics[topic].partitions]
         starts = []
         for tp in self._consumer.offsets_for_times(wanted, timeout=METADATA_TIMEOUT_S):

@@ -29,12 +29,12 @@ from urllib.parse import quote
 
 import structlog
 from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 from botocore.signers import CloudFrontSigner
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from sdagent import s3errors
 from sdagent.backends.base import Artifact
 from sdagent.errors import ConfigError, OutputError, OutputUnavailable
 from sdagent.jobs import Job, OutputLink
@@ -47,11 +47,6 @@ MAX_KEY_BYTES = 1024  # S3 object key limit
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3 rejects multipart parts below 5 MiB, except the last
 MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs are valid at most 7 days
 
-# Error codes S3 answers to a request worth repeating later; any 5xx and 429 count too.
-_TRANSIENT_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-     "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException"}
-)
 # Printable ASCII except '%', so percent-encoding of metadata values stays reversible.
 _METADATA_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
@@ -209,15 +204,9 @@ def _metadata(job: Job, artifact: Artifact) -> dict[str, str]:
 
 def _output_error(exc: Exception, key: str) -> OutputError:
     """Transient (throttling, 5xx, network) -> OutputUnavailable; the rest (4xx...) -> OutputError."""
-    if isinstance(exc, ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-            return OutputUnavailable(f"S3 failed transiently on {key}: {exc}")
-        return OutputError(f"S3 refused {key}: {exc}")
-    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
-        return OutputUnavailable(f"S3 unreachable storing {key}: {exc}")
-    return OutputError(f"cannot store {key}: {exc}")
+    if s3errors.is_transient(exc):
+        return OutputUnavailable(f"S3 failed transiently storing {key}: {exc}")
+    return OutputError(f"S3 refused {key}: {exc}")
 
 
 def _cloudfront_signer(key_id: str | None, private_key_pem: bytes | None) -> CloudFrontSigner | None:

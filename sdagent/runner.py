@@ -22,7 +22,9 @@ from sdagent.backends.base import Backend, Generation
 from sdagent.config import RetryConfig
 from sdagent.errors import TRANSIENT_ERRORS, JobAborted, JobFailed, JobRejected, KafkaUnavailable
 from sdagent.jobs import Job, Limits, OutputLink, Progress, Status, StatusEvent, parse_job
+from sdagent.inputs import InputResolver
 from sdagent.ledger import JobLedger
+from sdagent.outputs import OutputStore
 from sdagent.publisher import ReplyAddress, SourceRecord, StatusPublisher
 
 log = structlog.get_logger(__name__)
@@ -96,7 +98,8 @@ class JobRunner:
     def __init__(
         self,
         backend: Backend,
-        outputs,
+        inputs: InputResolver,
+        outputs: OutputStore,
         publisher: StatusPublisher,
         ledger: JobLedger,
         *,
@@ -107,6 +110,7 @@ class JobRunner:
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self._backend = backend
+        self._inputs = inputs
         self._outputs = outputs
         self._publisher = publisher
         self._ledger = ledger
@@ -149,6 +153,7 @@ class JobRunner:
         timings = _Timings()
         timings.values["queue_wait_ms"] = round((self._clock() - delivery.received_at).total_seconds() * 1000, 3)
         try:
+            job = self._with_retries(lambda: self._inputs.resolve(job), control)
             generation = self._with_retries(lambda: self._generate(job, reply, control, timings), control)
             since = time.perf_counter()
             outputs = self._with_retries(lambda: self._outputs.store(job, generation.artifacts), control)

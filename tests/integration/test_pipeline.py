@@ -171,3 +171,22 @@ def test_two_agents_share_the_work(pipeline):
         thread.join()
     assert all(a.status is Status.SUCCEEDED for a in answers) and len(answers) == 16
     assert {a.agent for a in answers} == {"agent-0", "agent-1"}
+
+
+def test_img2img_reads_its_init_image_from_s3(pipeline, aws_endpoint, s3_bucket):
+    import io
+
+    from sdagent.devstack.moto import aws_client
+
+    source = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(source, format="PNG")
+    aws_client("s3", aws_endpoint).put_object(Bucket=s3_bucket, Key="inputs/red.png", Body=source.getvalue())
+    pipeline.start_agent()
+    answer = pipeline.client.run(
+        job(kind="img2img", init_image={"s3_uri": f"s3://{s3_bucket}/inputs/red.png"}), timeout_s=30
+    )
+    assert answer.status is Status.SUCCEEDED
+    missing = pipeline.client.run(
+        job(kind="img2img", init_image={"s3_uri": f"s3://{s3_bucket}/inputs/absent.png"}), timeout_s=30
+    )
+    assert missing.status is Status.FAILED and missing.reason == "input_error"

@@ -1,0 +1,75 @@
+"""The command line against the real broker and moto: what an operator or a script sees."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from sdagent.devstack.stack import local_aws_environment, write_config
+from sdagent.errors import ExitCode
+
+from test_pipeline import wait_until
+
+
+def sdagent(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sdagent", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_topics_create_makes_every_topic_once(kafka_bootstrap, topic_prefix, tmp_path):
+    from sdagent.devstack.stack import stack_config
+
+    config = write_config(stack_config(kafka_bootstrap, "http://unused", "bucket", topic_prefix=topic_prefix),
+                          tmp_path / "sdagent.toml")
+    first = sdagent("topics", "create", "--config", str(config), "--replication-factor", "1")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count(": created") == 5
+    again = sdagent("topics", "create", "--config", str(config), "--replication-factor", "1")
+    assert again.stdout.count(": exists") == 5
+
+
+def test_submit_waits_and_prints_the_answer_as_json(pipeline, tmp_path):
+    pipeline.start_agent()
+    config = write_config(pipeline.config, tmp_path / "sdagent.toml")
+    done = sdagent("submit", "--config", str(config), "--model", "sd15.safetensors", "--prompt", "a fox",
+                   "--width", "64", "--height", "64", "--steps", "3", "--json")
+    assert done.returncode == ExitCode.OK, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["status"] == "succeeded" and answer["outputs"][0]["url"].startswith("http://127.0.0.1")
+
+
+def test_submit_no_wait_prints_the_job_id_and_cancel_reaches_the_agents(pipeline, tmp_path):
+    agent = pipeline.start_agent(backend={"step_latency_s": 0.5})
+    config = write_config(pipeline.config, tmp_path / "sdagent.toml")
+    queued = sdagent("submit", "--config", str(config), "--model", "sd15.safetensors", "--steps", "60",
+                     "--job-id", "cli-cancelled", "--no-wait")
+    assert queued.returncode == 0 and queued.stdout.strip() == "cli-cancelled"
+    assert wait_until(lambda: agent.agent.intake.busy)
+    cancelled = sdagent("cancel", "--config", str(config), "cli-cancelled")
+    assert cancelled.returncode == 0
+    events = pipeline.events("cli-cancelled")
+    assert [e.status.value for e in events if e.status.is_terminal] == ["cancelled"]
+
+
+def test_run_with_a_bad_config_exits_78_naming_the_key(tmp_path):
+    config = tmp_path / "sdagent.toml"
+    config.write_text('[kafka]\ngroup_protocol = "eager"\n')
+    done = sdagent("run", "--config", str(config))
+    assert done.returncode == ExitCode.CONFIG
+    assert "kafka.group_protocol" in done.stderr
+
+
+def test_run_without_its_topics_exits_69(kafka_bootstrap, tmp_path):
+    from sdagent.devstack.stack import stack_config
+
+    config = stack_config(kafka_bootstrap, "http://127.0.0.1:9", "bucket", topic_prefix="never-created.")
+    path = write_config(config, tmp_path / "sdagent.toml")
+    done = sdagent("run", "--config", str(path), env={**local_aws_environment(), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == ExitCode.UNAVAILABLE, done.stderr
+    assert "does not exist" in done.stderr
+
+
+def test_schema_prints_the_published_json_schema():
+    done = sdagent("schema")
+    assert json.loads(done.stdout)["properties"]["kind"]
