@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from confluent_kafka import Consumer, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from sdagent.runner import Delivery, JobControl, JobRunner, Outcome
 
@@ -29,6 +29,7 @@ log = structlog.get_logger(__name__)
 IDLE_POLL_S = 0.1  # how long poll() waits when idle: bounds how fast a stop request is seen
 RETRY_LATER_BACKOFF_S = 2.0  # after an answer could not be made durable (broker away)
 REVOKE_WAIT_S = 30.0  # how long a rebalance waits for an interrupted job to hand back
+COMMITTED_TIMEOUT_S = 5.0
 
 PartitionKey = tuple[str, int]
 
@@ -65,6 +66,7 @@ class Intake:
         self._paused: set[PartitionKey] = set()
         self._pause_unknown: set[PartitionKey] = set()  # newly assigned: librdkafka may keep a pause
         self._fresh: set[PartitionKey] = set()  # assigned, nothing read yet: may redeliver
+        self._next_offsets: dict[PartitionKey, int] = {}  # per partition, the next record to read
         self._fetching = True
         self._retry_at = 0.0
         self._lock = threading.Lock()  # guards _inflight against the ledger's cancel callback
@@ -161,6 +163,7 @@ class Intake:
             )
         )
         self._fresh.discard(key)
+        self._next_offsets[key] = message.offset() + 1
 
     def _start_next(self) -> None:
         if self._inflight is not None or not self._held or not self._fetching or self._clock() < self._retry_at:
@@ -219,12 +222,23 @@ class Intake:
             self._wake_fetcher(partitions)
 
     def _wake_fetcher(self, partitions: list[TopicPartition]) -> None:
-        # Measured with librdkafka 2.16: after a pause longer than about a second, resume() alone
-        # leaves the next fetch ~500 ms late. Seeking to the position the partition already has
-        # restarts its fetcher at once; a partition with no position yet has nothing to restart.
-        for position in self._consumer.position(partitions):
-            if position.offset >= 0:
-                self._consumer.seek(position)
+        # Measured with librdkafka 2.16 (bench/pipeline.py, docs/delivery.md): after a pause,
+        # resume() alone can leave the next fetch 0.2-0.8 s late. Seeking every resumed partition
+        # to where it already stands restarts its fetcher at once: the next record we would read,
+        # or for a partition not read since assignment, its committed offset (else the beginning,
+        # as auto.offset.reset=earliest would).
+        unread = [tp for tp in partitions if (tp.topic, tp.partition) not in self._next_offsets]
+        starts = dict(self._next_offsets)
+        if unread:
+            try:
+                for tp in self._consumer.committed(unread, timeout=COMMITTED_TIMEOUT_S):
+                    starts[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+            except KafkaException as exc:  # only a latency cost: the fetcher wakes up by itself
+                log.warning("intake.committed_lookup_failed", error=str(exc))
+        for tp in partitions:
+            start = starts.get((tp.topic, tp.partition))
+            if start is not None:
+                self._consumer.seek(TopicPartition(tp.topic, tp.partition, start))
 
     # --- rebalance callbacks (run inside poll) -----------------------------------------------
 
@@ -254,6 +268,8 @@ class Intake:
         self._paused -= keys
         self._pause_unknown -= keys
         self._fresh -= keys
+        for key in keys:
+            self._next_offsets.pop(key, None)
         log.info("intake.revoked", lost=lost, partitions=sorted(p for _, p in keys), total=len(self._assigned))
 
     def _settle_inflight_of_revoked(self, inflight: _InFlight, *, lost: bool) -> None:

@@ -24,7 +24,7 @@ from sdagent.publisher import STATUS_HEADER
 
 log = structlog.get_logger(__name__)
 
-POLL_S = 0.1
+POLL_S = 0.02  # bounds how late a catch-up check runs; an idle poll costs nothing
 METADATA_TIMEOUT_S = 10.0
 START_RETRY_S = 0.2
 _TERMINAL_HEADER_VALUES = {status.value.encode(): status for status in TERMINAL_STATUSES}

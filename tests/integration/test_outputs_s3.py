@@ -101,5 +101,5 @@ def test_unreachable_endpoint_is_transient():
     s3 = client(f"http://127.0.0.1:{port}", connect_timeout=1, read_timeout=1,
                 retries={"total_max_attempts": 1})
 
-    with pytest.raises(OutputUnavailable, match="unreachable"):
+    with pytest.raises(OutputUnavailable, match="transiently"):
         OutputStore(s3, "bucket", "outputs").store(job(), [PNG])

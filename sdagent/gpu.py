@@ -1,0 +1,86 @@
+"""How much memory the GPU has in use, read through NVML; ``None`` wherever NVML cannot tell.
+
+A small seam for the WebUI supervisor's memory ceiling: tests pass a fake ``nvml`` module instead
+of the real ``pynvml`` (nvidia-ml-py).
+"""
+
+from __future__ import annotations
+
+import threading
+from types import ModuleType
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# NVML errors that hold for good on this host: stop asking. Any other (GPU lost, timeout) is logged
+# and asked again next time. pynvml's NVML_ERROR_ values: NOT_SUPPORTED 3, NOT_FOUND 6,
+# DRIVER_NOT_LOADED 9, LIBRARY_NOT_FOUND 12, FUNCTION_NOT_FOUND 13, GPU_NOT_FOUND 28.
+_PERMANENT_ERRORS = frozenset({3, 6, 9, 12, 13, 28})
+
+
+class GpuMemoryProbe:
+    """Bytes of device memory in use on one GPU, the whole device, all processes.
+
+    The whole device, not the WebUI's own processes: there is one WebUI per GPU, and per-process
+    accounting (``nvmlDeviceGetComputeRunningProcesses``) reports no usage under some drivers and
+    host PIDs inside a container's PID namespace.
+    """
+
+    def __init__(self, index: int = 0, nvml: ModuleType | None = None) -> None:
+        self._index = index
+        self._nvml = nvml
+        self._handle = None
+        self._initialised = False
+        self._unavailable = False
+        self._lock = threading.Lock()
+
+    def used_bytes(self) -> int | None:
+        """Memory in use now, or ``None`` when NVML is missing, unsupported or failing."""
+        with self._lock:
+            if self._unavailable:
+                return None
+            nvml = self._nvml_module()
+            if nvml is None:
+                return None
+            try:
+                if not self._initialised:
+                    nvml.nvmlInit()
+                    self._initialised = True
+                if self._handle is None:
+                    self._handle = nvml.nvmlDeviceGetHandleByIndex(self._index)
+                return int(nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
+            except nvml.NVMLError as exc:
+                return self._failed(exc)
+
+    def close(self) -> None:
+        """Release NVML; a later :meth:`used_bytes` initialises it again."""
+        with self._lock:
+            self._handle = None
+            if self._initialised and self._nvml is not None:
+                self._initialised = False
+                try:
+                    self._nvml.nvmlShutdown()
+                except self._nvml.NVMLError as exc:
+                    log.warning("gpu.nvml_shutdown_failed", error=str(exc))
+
+    def _nvml_module(self) -> ModuleType | None:
+        if self._nvml is None:
+            try:
+                import pynvml
+            except ImportError:
+                log.warning("gpu.nvml_unavailable", error="pynvml is not installed")
+                self._unavailable = True
+                return None
+            self._nvml = pynvml
+        return self._nvml
+
+    def _failed(self, exc: Exception) -> None:
+        code = getattr(exc, "value", None)
+        if code in _PERMANENT_ERRORS:
+            log.warning("gpu.nvml_unavailable", index=self._index, error=str(exc))
+            self._unavailable = True
+        else:
+            log.warning("gpu.nvml_error", index=self._index, error=str(exc))
+            self._handle = None  # look it up again next time: a reset GPU gets a new handle
+        return None
