@@ -76,6 +76,7 @@ class Agent:
         )
         self.ledger.on_cancel(self.intake.cancel)
         self.stopping = threading.Event()
+        self._forced = threading.Event()
 
     def start(self, ready_timeout_s: float = 120.0) -> None:
         """Wait for the backend, read the fleet's recent answers, then join the consumer group."""
@@ -94,11 +95,30 @@ class Agent:
             log.info("agent.stop_requested", reason=reason)
         self.stopping.set()
 
-    def drain(self, reason: str) -> None:
-        """Stop taking work and hand back the job in flight so another agent runs it."""
-        log.info("agent.draining", reason=reason, busy=self.intake.busy)
-        self.intake.stop_fetching()
-        self.intake.release_inflight("draining")
+    def drain(self, reason: str, deadline: float | None = None) -> None:
+        """Stop taking work; let the job in flight finish when its progress says it will, well
+        before ``deadline`` (a ``time.monotonic()`` value), else release it to the fleet.
+
+        :meth:`force` (a second SIGTERM) cuts the wait short: the job is released at once.
+        """
+        if deadline is None:
+            deadline = time.monotonic() + self._settings.agent.drain_timeout_s
+        log.info("agent.draining", reason=reason, busy=self.intake.busy, budget_s=round(deadline - time.monotonic(), 1))
+        self.intake.hold("draining")
+        margin = self._settings.agent.drain_margin_s
+        while self.intake.busy and not self._forced.is_set():
+            remaining = self.intake.inflight_remaining_s()
+            time_left = deadline - time.monotonic()
+            if time_left <= margin or (remaining is not None and remaining > time_left - margin):
+                break
+            self.intake.step()  # keeps polling, so the group and the job's answer go on
+        if self.intake.busy:
+            self.intake.release_inflight("draining")
+        log.info("agent.drained", reason=reason, forced=self._forced.is_set())
+
+    def force(self) -> None:
+        """Make a drain in progress release the job in flight now."""
+        self._forced.set()
 
     def stop(self) -> None:
         """Leave the group, close the readers and send what is queued; reverse of :meth:`start`."""

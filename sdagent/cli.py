@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from sdagent.config import DEFAULT_CONFIG_PATH, Settings, load_settings
 from sdagent.errors import ConfigError, ExitCode, KafkaUnavailable, SdagentError
+from sdagent.jobs import describe_validation_error
 from sdagent.logs import configure_logging
 
 log = structlog.get_logger("sdagent.cli")
@@ -39,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     except SdagentError as exc:
         print(f"sdagent: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
+    except ValidationError as exc:
+        print(f"sdagent: invalid job: {describe_validation_error(exc)}", file=sys.stderr)
+        return ExitCode.USAGE
+    except TimeoutError as exc:
+        print(f"sdagent: {exc}", file=sys.stderr)
+        return ExitCode.TIMEOUT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,6 +129,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _install_signal_handlers(agent) -> None:
     def on_signal(signum: int, _frame: object) -> None:
+        if agent.stopping.is_set():
+            agent.force()  # a second signal: release the job in flight now and leave
         agent.request_stop(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -166,6 +176,7 @@ def _cancel(args: argparse.Namespace) -> int:
     from sdagent.client import Client
 
     settings = _settings(args)
+    configure_logging("console", "warning")
     with Client(settings.kafka, settings.topics) as client:
         client.cancel(args.job_id)
     print(f"cancel requested for {args.job_id}")

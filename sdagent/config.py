@@ -154,15 +154,18 @@ class AgentConfig(_Section):
     instance_id: str = Field(default_factory=socket.gethostname, min_length=1)
     # Minimum time between two progress events of one job; progress is advisory, keep it cheap.
     progress_interval_s: float = Field(0.5, ge=0)
-    shutdown_timeout_s: float = Field(100.0, gt=0)
+    # Longest a drain may take when no notice gives a deadline (SIGTERM); below systemd's
+    # TimeoutStopSec and the 120 s spot warning.
+    drain_timeout_s: float = Field(90.0, gt=0)
+    # A job in flight at drain is let finish only if its estimate leaves this much before the
+    # deadline (upload, answer, commit, leaving the group); otherwise it is released.
+    drain_margin_s: float = Field(15.0, ge=0)
 
 
-class Settings(BaseSettings):
+class Settings(BaseModel):
     """The whole configuration; sections as in ``docs/configuration.md``."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="SDAGENT_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
-    )
+    model_config = ConfigDict(extra="forbid")
 
     agent: AgentConfig = Field(default_factory=AgentConfig)
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
@@ -173,6 +176,14 @@ class Settings(BaseSettings):
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+class _FileAndEnvironment(BaseSettings, Settings):
+    """Settings read from the file's values (as init values) and ``SDAGENT_*`` variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SDAGENT_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -188,15 +199,17 @@ class Settings(BaseSettings):
 
 
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Build the configuration from ``path`` (optional), the environment and ``overrides``.
+    """Build the configuration from ``path`` (optional), then the environment, then ``overrides``
+    (command-line flags), each beating the one before.
 
     Raises ConfigError naming the first bad key, e.g. ``kafka.group_protocol: Input should be ...``.
     """
     values = _read_toml(path) if path is not None else {}
-    for section, section_values in (overrides or {}).items():
-        values.setdefault(section, {}).update(section_values)
     try:
-        return Settings(**values)
+        merged = _FileAndEnvironment(**values).model_dump()  # the environment beats the file
+        for section, section_values in (overrides or {}).items():
+            merged.setdefault(section, {}).update(section_values)
+        return Settings.model_validate(merged)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         key = ".".join(str(part) for part in error["loc"]) or "(config)"

@@ -17,6 +17,7 @@ class ExitCode(enum.IntEnum):
     USAGE = 64  # EX_USAGE: bad command line
     UNAVAILABLE = 69  # EX_UNAVAILABLE: the broker or another required service cannot be reached
     SOFTWARE = 70  # EX_SOFTWARE: an internal error
+    TIMEOUT = 75  # EX_TEMPFAIL: no answer in time (the job may still run)
     CONFIG = 78  # EX_CONFIG: the configuration is invalid
 
 

@@ -67,7 +67,9 @@ class Intake:
         self._pause_unknown: set[PartitionKey] = set()  # newly assigned: librdkafka may keep a pause
         self._fresh: set[PartitionKey] = set()  # assigned, nothing read yet: may redeliver
         self._next_offsets: dict[PartitionKey, int] = {}  # per partition, the next record to read
-        self._fetching = True
+        self._done_offsets: dict[PartitionKey, int] = {}  # answered, commit not yet accepted
+        # Why intake is held (draining, backend down, warm pool...): no new job while any is set.
+        self._holds: set[str] = set()
         self._retry_at = 0.0
         self._lock = threading.Lock()  # guards _inflight against the ledger's cancel callback
 
@@ -98,11 +100,22 @@ class Intake:
         self._reconcile_pause()
         self._start_next()
 
-    def stop_fetching(self) -> None:
-        """Take no new job from now on (drain); the job in flight goes on."""
-        self._fetching = False
+    def hold(self, reason: str) -> None:
+        """Take no new job until :meth:`unhold` with the same reason; the job in flight goes on."""
+        if reason not in self._holds:
+            self._holds.add(reason)
+            log.info("intake.held", reason=reason, holds=sorted(self._holds), held_records=len(self._held))
         self._reconcile_pause()
-        log.info("intake.fetching_stopped", held=len(self._held))
+
+    def unhold(self, reason: str) -> None:
+        if reason in self._holds:
+            self._holds.discard(reason)
+            log.info("intake.unheld", reason=reason, holds=sorted(self._holds))
+        self._reconcile_pause()
+
+    @property
+    def holds(self) -> frozenset[str]:
+        return frozenset(self._holds)
 
     def release_inflight(self, why: str, timeout_s: float = REVOKE_WAIT_S) -> None:
         """Interrupt the running job and wait until it is handed back (or answered)."""
@@ -113,6 +126,11 @@ class Intake:
         concurrent.futures.wait([inflight.future], timeout=timeout_s)
         self._finish_if_done()
 
+    def inflight_remaining_s(self) -> float | None:
+        """How long the running job still needs, from its progress; None when idle or unknown."""
+        inflight = self._inflight
+        return None if inflight is None else inflight.control.estimated_remaining_s()
+
     def wait_idle(self, timeout_s: float) -> bool:
         """Keep polling (so the group stays healthy) until no job runs, up to ``timeout_s``."""
         deadline = self._clock() + timeout_s
@@ -121,9 +139,11 @@ class Intake:
         return self._inflight is None
 
     def close(self) -> None:
-        """Leave the group at once so the partitions move now, not after a session timeout."""
+        """Commit what is done, then leave the group at once so the partitions move now, not
+        after a session timeout."""
         self._held.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._commit_done(asynchronous=False)
         self._consumer.close()
         log.info("intake.closed")
 
@@ -166,7 +186,7 @@ class Intake:
         self._next_offsets[key] = message.offset() + 1
 
     def _start_next(self) -> None:
-        if self._inflight is not None or not self._held or not self._fetching or self._clock() < self._retry_at:
+        if self._inflight is not None or not self._held or self._holds or self._clock() < self._retry_at:
             return
         delivery = self._held.popleft()
         control = JobControl(None, self._interrupt_backend)
@@ -195,18 +215,25 @@ class Intake:
         self._reconcile_pause()
 
     def _commit(self, delivery: Delivery) -> None:
-        offsets = [TopicPartition(delivery.topic, delivery.partition, delivery.offset + 1)]
+        self._done_offsets[(delivery.topic, delivery.partition)] = delivery.offset + 1
+        self._commit_done(asynchronous=True)
+
+    def _commit_done(self, *, asynchronous: bool) -> None:
+        if not self._done_offsets:
+            return
+        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in self._done_offsets.items()]
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=True)
-        except Exception as exc:  # commit failures are retried by the next commit or redelivered
-            log.warning("intake.commit_failed", offset=delivery.offset, error=str(exc))
+            self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            self._done_offsets.clear()
+        except Exception as exc:  # retried with the next commit; at worst the job is redelivered
+            log.warning("intake.commit_failed", offsets=[tp.offset for tp in offsets], error=str(exc))
 
     # --- pausing -----------------------------------------------------------------------------
 
     def _reconcile_pause(self) -> None:
         """Pause everything while a job runs, records wait, or intake is draining; else resume."""
         want_paused = (
-            self._inflight is not None or bool(self._held) or not self._fetching or self._clock() < self._retry_at
+            self._inflight is not None or bool(self._held) or bool(self._holds) or self._clock() < self._retry_at
         )
         if want_paused:
             missing = self._assigned - self._paused
@@ -270,6 +297,7 @@ class Intake:
         self._fresh -= keys
         for key in keys:
             self._next_offsets.pop(key, None)
+            self._done_offsets.pop(key, None)
         log.info("intake.revoked", lost=lost, partitions=sorted(p for _, p in keys), total=len(self._assigned))
 
     def _settle_inflight_of_revoked(self, inflight: _InFlight, *, lost: bool) -> None:
@@ -284,11 +312,8 @@ class Intake:
         outcome = inflight.future.result() if inflight.future.exception() is None else Outcome.RELEASED
         if outcome is Outcome.COMMIT and not lost:
             # Answered just before the revoke: commit now, while the partition is still ours.
-            offsets = [TopicPartition(inflight.delivery.topic, inflight.delivery.partition, inflight.delivery.offset + 1)]
-            try:
-                self._consumer.commit(offsets=offsets, asynchronous=False)
-            except Exception as exc:
-                log.warning("intake.commit_failed", offset=inflight.delivery.offset, error=str(exc))
+            self._done_offsets[(inflight.delivery.topic, inflight.delivery.partition)] = inflight.delivery.offset + 1
+            self._commit_done(asynchronous=False)
 
 
 def _partitions(keys: set[PartitionKey]) -> list[TopicPartition]:

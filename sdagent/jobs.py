@@ -211,8 +211,12 @@ def check_limits(job: Job, limits: Limits) -> None:
             raise ValueError(f"{field} is {value}, over this deployment's limit of {limit}")
 
 
-def parse_job(raw: bytes | None, limits: Limits) -> Job:
-    """Decode and validate one message from the jobs topic, or raise :class:`JobRejected`."""
+def parse_job(raw: bytes | None, limits: Limits, default_job_id: str | None = None) -> Job:
+    """Decode and validate one message from the jobs topic, or raise :class:`JobRejected`.
+
+    ``default_job_id`` names a job that came without one; derive it from the record's place so a
+    redelivery of the same record gets the same id.
+    """
     if raw is None:
         raise JobRejected("invalid", "empty message (tombstone)")
     if len(raw) > limits.max_message_bytes:
@@ -223,6 +227,8 @@ def parse_job(raw: bytes | None, limits: Limits) -> Job:
         raise JobRejected("not_json", f"not a JSON document: {exc}") from None
     if not isinstance(document, dict):
         raise JobRejected("invalid", "a job must be a JSON object")
+    if default_job_id is not None:
+        document.setdefault("job_id", default_job_id)
     reply = _reply_fields(document)
     version = document.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:

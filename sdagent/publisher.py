@@ -9,6 +9,7 @@ acks=all, and the job's offset is committed only after that.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -16,12 +17,13 @@ from confluent_kafka import KafkaError, Message, Producer
 
 from sdagent.config import TopicsConfig
 from sdagent.errors import KafkaUnavailable
-from sdagent.jobs import StatusEvent
+from sdagent.jobs import Job, StatusEvent
 
 log = structlog.get_logger(__name__)
 
 STATUS_HEADER = "sdagent-status"
 CORRELATION_HEADER = "correlation_id"
+AWAIT_POLL_S = 0.005  # delivery reports arrive within a broker round trip; poll often
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,12 @@ class StatusPublisher:
         self._produce_event(event, reply, deliveries)
         self._await(deliveries, f"status {event.status.value} of job {event.job_id}")
 
+    def reply_only(self, event: StatusEvent, reply: ReplyAddress) -> None:
+        """Send ``event`` to the caller's reply topic only (best effort), not to the results topic."""
+        key, value, headers = self._record(event)
+        self._produce(reply.topic, reply.partition, key, value, headers, self._log_failed_delivery)
+        self._producer.poll(0)
+
     def dead_letter(
         self, raw: bytes | None, source: SourceRecord, reason: str, message: str, job_id: str | None = None
     ) -> None:
@@ -115,21 +123,33 @@ class StatusPublisher:
         self._await(deliveries, f"dead letter from {source.topic}/{source.partition}@{source.offset}")
         log.warning("job.dead_lettered", job_id=job_id, reason=reason, error=message, offset=source.offset)
 
+    def requeue(self, job: Job) -> None:
+        """Durably put ``job`` back on the jobs topic, keyed by its id like a caller's submission."""
+        deliveries = _Deliveries()
+        self._produce(self._topics.jobs, None, job.job_id.encode(), job.model_dump_json(exclude_none=True).encode(),
+                      [("sdagent-requeued-by", self._agent_id.encode())], deliveries)
+        self._await(deliveries, f"requeue of job {job.job_id}")
+
     def flush(self, timeout_s: float) -> int:
         """Send what is queued; returns how many records are still undelivered."""
         return self._producer.flush(timeout_s)
 
-    def _produce_event(self, event: StatusEvent, reply: ReplyAddress | None, on_delivery) -> None:
+    def _record(self, event: StatusEvent) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+        """Key, value and headers of an event; the status header lets readers skip parsing."""
         if event.agent is None:
             event.agent = self._agent_id
-        value = event.to_bytes()
-        key = event.job_id.encode()
         headers = [(STATUS_HEADER, event.status.value.encode())]
         if event.correlation_id:
             headers.append((CORRELATION_HEADER, event.correlation_id.encode()))
+        return event.job_id.encode(), event.to_bytes(), headers
+
+    def _produce_event(self, event: StatusEvent, reply: ReplyAddress | None, on_delivery) -> None:
+        key, value, headers = self._record(event)
         self._produce(self._topics.results, None, key, value, headers, on_delivery)
         if reply is not None:
-            self._produce(reply.topic, reply.partition, key, value, headers, on_delivery)
+            # The caller's copy is best effort: the results topic holds the answer of record, and
+            # a caller's missing or full reply topic must not hold up the fleet's commit.
+            self._produce(reply.topic, reply.partition, key, value, headers, self._log_failed_delivery)
 
     def _produce(self, topic, partition, key, value, headers, on_delivery) -> None:
         if isinstance(on_delivery, _Deliveries):
@@ -143,9 +163,12 @@ class StatusPublisher:
             self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery, **kwargs)
 
     def _await(self, deliveries: _Deliveries, what: str) -> None:
-        # flush() serves delivery callbacks; it returns early once the whole queue is empty.
-        self._producer.flush(self._delivery_timeout_s)
-        if not deliveries.done.wait(0) or deliveries.error is not None:
+        # poll() serves delivery callbacks; waiting on these records alone (not a whole-queue
+        # flush) keeps a slow best-effort copy elsewhere from holding this answer up.
+        deadline = time.monotonic() + self._delivery_timeout_s
+        while not deliveries.done.is_set() and time.monotonic() < deadline:
+            self._producer.poll(AWAIT_POLL_S)
+        if not deliveries.done.is_set() or deliveries.error is not None:
             error = deliveries.error or "not acknowledged in time"
             raise KafkaUnavailable(f"could not durably produce {what}: {error}")
 

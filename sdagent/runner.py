@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,6 +49,11 @@ class Delivery:
     possibly_redelivered: bool = False  # the first record of a partition after it was assigned
 
     @property
+    def record_id(self) -> str:
+        """A stable id for this record: the same on every redelivery."""
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"kafka:{self.topic}/{self.partition}/{self.offset}"))
+
+    @property
     def source(self) -> SourceRecord:
         return SourceRecord(self.topic, self.partition, self.offset)
 
@@ -58,13 +64,28 @@ class Delivery:
 
 
 class JobControl:
-    """How the agent takes a running job back: set once, with why; interrupts the backend."""
+    """How the agent follows and takes back a running job: its progress, and abort once with why."""
 
-    def __init__(self, job_id: str | None, interrupt: Callable[[], None]) -> None:
+    def __init__(self, job_id: str | None, interrupt: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
         self.job_id = job_id
         self._interrupt = interrupt
+        self._clock = clock
         self.event = threading.Event()
         self.why: str | None = None
+        self._started_at: float | None = None
+        self._fraction = 0.0
+
+    def progressed(self, step: int, steps: int) -> None:
+        if self._started_at is None:
+            self._started_at = self._clock()
+        self._fraction = step / steps if steps else 1.0
+
+    def estimated_remaining_s(self) -> float | None:
+        """Time left by linear extrapolation of progress so far; None before any progress."""
+        if self._started_at is None or self._fraction <= 0:
+            return None
+        elapsed = self._clock() - self._started_at
+        return elapsed * (1 - self._fraction) / self._fraction
 
     def abort(self, why: str) -> None:
         if self.event.is_set():
@@ -123,7 +144,7 @@ class JobRunner:
     def run(self, delivery: Delivery, control: JobControl) -> Outcome:
         try:
             try:
-                job = parse_job(delivery.value, self._limits)
+                job = parse_job(delivery.value, self._limits, default_job_id=delivery.record_id)
             except JobRejected as rejection:
                 return self._reject(delivery, rejection)
             control.job_id = job.job_id
@@ -140,6 +161,10 @@ class JobRunner:
         answered = self._ledger.finished(job.job_id)
         if answered is not None:
             log.info("job.duplicate_skipped", answered=answered.value, offset=delivery.offset)
+            if reply is not None:
+                # Tell a waiting caller at once; the results topic keeps its one answer of record.
+                message = f"job {job.job_id} was already answered {answered.value}; see the results topic"
+                self._publisher.reply_only(self._event(job, Status.REJECTED, reason="duplicate", message=message), reply)
             return Outcome.COMMIT
         if self._ledger.cancelled(job.job_id):
             return self._answer(job, reply, Status.CANCELLED, reason="cancelled", message="cancelled before it ran")
@@ -179,7 +204,8 @@ class JobRunner:
             log.info("model.switched", model=job.model, switch_ms=timings.values["switch_ms"])
         self._publisher.publish(self._event(job, Status.STARTED), reply)
         since = time.perf_counter()
-        generation = self._backend.generate(job, self._progress_reporter(job, reply), control.event)
+        control.progressed(0, job.steps)
+        generation = self._backend.generate(job, self._progress_reporter(job, reply, control), control.event)
         timings.measure("inference_ms", since)
         control.check()
         return generation
@@ -195,11 +221,12 @@ class JobRunner:
         )
         return retrying(attempt)
 
-    def _progress_reporter(self, job: Job, reply: ReplyAddress | None) -> Callable[[int, int], None]:
+    def _progress_reporter(self, job: Job, reply: ReplyAddress | None, control: JobControl) -> Callable[[int, int], None]:
         last_sent = 0.0
 
         def report(step: int, steps: int) -> None:
             nonlocal last_sent
+            control.progressed(step, steps)
             now = time.monotonic()
             if now - last_sent < self._progress_interval_s and step < steps:
                 return
@@ -214,9 +241,16 @@ class JobRunner:
     def _aborted(self, job: Job, reply: ReplyAddress | None, why: str) -> Outcome:
         if why == "cancelled":
             return self._answer(job, reply, Status.CANCELLED, reason="cancelled", message="cancelled while running")
-        log.info("job.released", why=why)
-        self._publisher.publish(self._event(job, Status.RELEASED, reason=why), reply)
-        return Outcome.RELEASED
+        log.info("job.released", why=why, attempt=job.attempt)
+        if why == "revoked":
+            # The partition is gone: its next owner reads the job again from the committed offset.
+            self._publisher.publish(self._event(job, Status.RELEASED, reason=why), reply)
+            return Outcome.RELEASED
+        # Draining: queue the job again now (attempt counted), so it does not wait for this
+        # instance's partitions to move, then let its offset be committed.
+        self._publisher.requeue(job.model_copy(update={"attempt": job.attempt + 1}))
+        self._publisher.publish_durably(self._event(job, Status.RELEASED, reason=why), reply)
+        return Outcome.COMMIT
 
     def _fail(self, job: Job, delivery: Delivery, reply: ReplyAddress | None, reason: str, message: str) -> Outcome:
         log.warning("job.failed", reason=reason, error=message)
@@ -228,7 +262,9 @@ class JobRunner:
         self._publisher.dead_letter(delivery.value, delivery.source, rejection.reason, rejection.message, rejection.job_id)
         if rejection.job_id or rejection.reply_to:
             event = StatusEvent(
-                job_id=rejection.job_id or "unknown",
+                # Without a readable id, name the answer after the record, never a shared
+                # placeholder that the ledger would then take as a real job answered.
+                job_id=rejection.job_id or f"rejected-{delivery.record_id}",
                 status=Status.REJECTED,
                 correlation_id=rejection.correlation_id,
                 reason=rejection.reason,

@@ -57,3 +57,10 @@ def test_missing_or_broken_file_is_a_config_error(tmp_path):
         load_settings(tmp_path / "absent.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(write(tmp_path, "[kafka\n"))
+
+
+def test_command_line_overrides_beat_the_environment(monkeypatch):
+    monkeypatch.setenv("SDAGENT_KAFKA__BOOTSTRAP_SERVERS", "env:9092")
+    settings = load_settings(overrides={"kafka": {"bootstrap_servers": "flag:9092"}})
+    assert settings.kafka.bootstrap_servers == "flag:9092"
+    assert settings.kafka.group_id == "sdagent"

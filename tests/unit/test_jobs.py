@@ -118,3 +118,8 @@ def test_status_event_round_trips_and_knows_terminal_states():
 def test_job_defaults_round_trip_through_json():
     job = Job(model="m.safetensors", prompt="p")
     assert parse_job(job.model_dump_json().encode(), LIMITS) == job
+
+
+def test_a_job_without_an_id_gets_the_one_derived_from_its_record():
+    assert parse_job(raw(), LIMITS, default_job_id="record-1").job_id == "record-1"
+    assert parse_job(raw(job_id="own"), LIMITS, default_job_id="record-1").job_id == "own"

@@ -1,0 +1,89 @@
+"""Draining on SIGTERM: stop taking work, finish what can finish, release the rest, lose nothing."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from sdagent.devstack.stack import spawn_agent
+from sdagent.jobs import Status
+
+from test_failures import terminal_statuses
+from test_pipeline import job, wait_until
+
+
+def start_process_agents(pipeline, tmp_path, names, **agent_settings):
+    processes = {}
+    for name in names:
+        config = pipeline.config | {
+            "agent": {**pipeline.config["agent"], "instance_id": name, **agent_settings},
+            "backend": {**pipeline.config["backend"], "step_latency_s": 0.1},
+        }
+        processes[name] = spawn_agent(config, tmp_path, name)
+    return processes
+
+
+def started_by(pipeline, job_id):
+    found = []
+    wait_until(lambda: found.extend(e for e in pipeline.events(job_id, until_terminal_count=0, timeout_s=0)
+                                    if e.status is Status.STARTED) or found, timeout_s=60)
+    return found[0].agent if found else None
+
+
+def stop_all(processes):
+    for process in processes.values():
+        process.kill()
+        process.wait(10)
+
+
+def test_sigterm_releases_a_long_job_to_another_agent_answered_once(pipeline, tmp_path):
+    processes = start_process_agents(pipeline, tmp_path, ["drain-a", "drain-b"], drain_timeout_s=4, drain_margin_s=1)
+    try:
+        queued = pipeline.client.submit(job(job_id="released-on-drain", steps=100))
+        victim = started_by(pipeline, queued.job_id)
+        assert victim is not None
+        drained_at = time.monotonic()
+        processes[victim].send_signal(signal.SIGTERM)
+        assert processes[victim].wait(30) == 0
+        assert time.monotonic() - drained_at < 10
+
+        events = pipeline.events(queued.job_id, timeout_s=60)
+        assert terminal_statuses(events) == [Status.SUCCEEDED]
+        released = [e for e in events if e.status is Status.RELEASED]
+        assert [e.agent for e in released] == [victim] and released[0].reason == "draining"
+        (answer,) = [e for e in events if e.status is Status.SUCCEEDED]
+        assert answer.agent != victim and answer.attempt == 1
+    finally:
+        stop_all(processes)
+
+
+def test_sigterm_lets_a_nearly_done_job_finish_first(pipeline, tmp_path):
+    processes = start_process_agents(pipeline, tmp_path, ["finish-a"], drain_timeout_s=30, drain_margin_s=2)
+    try:
+        queued = pipeline.client.submit(job(job_id="finishes-on-drain", steps=30))
+        assert started_by(pipeline, queued.job_id) == "finish-a"
+        time.sleep(1.0)
+        processes["finish-a"].send_signal(signal.SIGTERM)
+        assert processes["finish-a"].wait(30) == 0
+        events = pipeline.events(queued.job_id, timeout_s=10)
+        assert terminal_statuses(events) == [Status.SUCCEEDED]
+        assert Status.RELEASED not in [e.status for e in events]
+    finally:
+        stop_all(processes)
+
+
+def test_second_sigterm_releases_at_once(pipeline, tmp_path):
+    processes = start_process_agents(pipeline, tmp_path, ["forced-a"], drain_timeout_s=60, drain_margin_s=1)
+    try:
+        queued = pipeline.client.submit(job(job_id="forced-release", steps=150))
+        assert started_by(pipeline, queued.job_id) == "forced-a"
+        time.sleep(0.5)
+        processes["forced-a"].send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        processes["forced-a"].send_signal(signal.SIGTERM)
+        assert processes["forced-a"].wait(15) == 0
+        events = pipeline.events(queued.job_id, until_terminal_count=0, timeout_s=0)
+        assert [e.reason for e in events if e.status is Status.RELEASED] == ["draining"]
+        assert terminal_statuses(events) == []  # nobody else runs it here: it waits, queued again
+    finally:
+        stop_all(processes)
