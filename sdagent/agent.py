@@ -25,11 +25,13 @@ from sdagent.ledger import JobLedger
 from sdagent.outputs import OutputStore
 from sdagent.publisher import StatusPublisher
 from sdagent.runner import JobRunner
+from sdagent.supervisor import WebUISupervisor
 
 log = structlog.get_logger(__name__)
 
 BACKEND_READY_POLL_S = 0.5
 PRODUCER_FLUSH_S = 10.0
+MEMORY_CHECK_INTERVAL_S = 5.0  # psutil walks the WebUI's process tree: not on every loop turn
 
 
 class Agent:
@@ -42,11 +44,13 @@ class Agent:
         inputs: InputResolver,
         outputs: OutputStore,
         *,
+        supervisor: WebUISupervisor | None = None,
         consumer_factory: Callable[[dict], Consumer] = Consumer,
         producer_factory: Callable[[dict], Producer] = Producer,
     ) -> None:
         self._settings = settings
         self._backend = backend
+        self._supervisor = supervisor
         agent_id = settings.agent.instance_id
         self._producer = producer_factory(producer_config(settings.kafka, f"sdagent-{agent_id}"))
         self.publisher = StatusPublisher(self._producer, settings.topics, agent_id)
@@ -67,6 +71,7 @@ class Agent:
             retry=settings.retry,
             catch_up_timeout_s=settings.idempotency.catch_up_timeout_s,
             progress_interval_s=settings.agent.progress_interval_s,
+            watch=supervisor,
         )
         self.intake = Intake(
             consumer_factory(jobs_consumer_config(settings.kafka, agent_id)),
@@ -80,14 +85,23 @@ class Agent:
 
     def start(self, ready_timeout_s: float = 120.0) -> None:
         """Wait for the backend, read the fleet's recent answers, then join the consumer group."""
-        self._wait_backend_ready(ready_timeout_s)
+        if self._supervisor is not None:
+            self._start_supervised()
+        else:
+            self._wait_backend_ready(ready_timeout_s)
         self.ledger.start()
         self.intake.start()
         log.info("agent.started", instance_id=self._settings.agent.instance_id, backend=self._backend.name)
 
     def run(self) -> None:
-        """Run jobs until :meth:`request_stop` is called, then drain and stop."""
-        self.intake.run(self.stopping)
+        """Run jobs until :meth:`request_stop` is called."""
+        next_memory_check = 0.0
+        while not self.stopping.is_set():
+            self.intake.step()
+            if self._supervisor is not None and not self.intake.busy and time.monotonic() >= next_memory_check:
+                # Between jobs only: a restart for memory never cuts a job short.
+                self._supervisor.restart_if_over_memory()
+                next_memory_check = time.monotonic() + MEMORY_CHECK_INTERVAL_S
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to leave; safe from a signal handler or another thread."""
@@ -125,6 +139,7 @@ class Agent:
         for name, step in (
             ("intake", self.intake.close),
             ("ledger", self.ledger.stop),
+            ("webui", self._supervisor.stop if self._supervisor else lambda: None),
             ("producer", lambda: self.publisher.flush(PRODUCER_FLUSH_S)),
             ("backend", self._backend.close),
         ):
@@ -133,6 +148,19 @@ class Agent:
             except Exception:  # keep stopping the rest: a failing step must not strand the others
                 log.exception("agent.stop_step_failed", step=name)
         log.info("agent.stopped")
+
+    def _start_supervised(self) -> None:
+        supervisor = self._supervisor
+        # Intake follows the WebUI: held while it is down or restarting, resumed once it is back.
+        supervisor.on_state_change(
+            lambda ready, reason: self.intake.unhold("backend_down") if ready else self.intake.hold("backend_down")
+        )
+        supervisor.on_hang(lambda job_id, reason: self.intake.abort_inflight("hung", job_id))
+        supervisor.start()
+        timeout_s = self._settings.backend.process.ready_timeout_s
+        if not supervisor.wait_ready(timeout_s):
+            raise BackendUnavailable(f"WebUI not ready after {timeout_s} s: {supervisor.ready_reason}")
+        log.info("backend.ready", backend=self._backend.name, supervised=True)
 
     def _wait_backend_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

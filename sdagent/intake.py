@@ -71,7 +71,7 @@ class Intake:
         # Why intake is held (draining, backend down, warm pool...): no new job while any is set.
         self._holds: set[str] = set()
         self._retry_at = 0.0
-        self._lock = threading.Lock()  # guards _inflight against the ledger's cancel callback
+        self._lock = threading.Lock()  # guards _inflight and _holds against other threads
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -80,11 +80,6 @@ class Intake:
             [self._jobs_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         log.info("intake.subscribed", topic=self._jobs_topic)
-
-    def run(self, stop: threading.Event) -> None:
-        """Poll and run jobs until ``stop`` is set."""
-        while not stop.is_set():
-            self.step()
 
     def step(self) -> None:
         """One turn of the loop: wait a little, poll, finish a done job, start the next one."""
@@ -101,21 +96,29 @@ class Intake:
         self._start_next()
 
     def hold(self, reason: str) -> None:
-        """Take no new job until :meth:`unhold` with the same reason; the job in flight goes on."""
-        if reason not in self._holds:
+        """Take no new job until :meth:`unhold` with the same reason; the job in flight goes on.
+
+        Safe from any thread: the loop applies it (pauses the partitions) on its next turn.
+        """
+        with self._lock:
+            if reason in self._holds:
+                return
             self._holds.add(reason)
-            log.info("intake.held", reason=reason, holds=sorted(self._holds), held_records=len(self._held))
-        self._reconcile_pause()
+            holds = sorted(self._holds)
+        log.info("intake.held", reason=reason, holds=holds)
 
     def unhold(self, reason: str) -> None:
-        if reason in self._holds:
+        with self._lock:
+            if reason not in self._holds:
+                return
             self._holds.discard(reason)
-            log.info("intake.unheld", reason=reason, holds=sorted(self._holds))
-        self._reconcile_pause()
+            holds = sorted(self._holds)
+        log.info("intake.unheld", reason=reason, holds=holds)
 
     @property
     def holds(self) -> frozenset[str]:
-        return frozenset(self._holds)
+        with self._lock:
+            return frozenset(self._holds)
 
     def release_inflight(self, why: str, timeout_s: float = REVOKE_WAIT_S) -> None:
         """Interrupt the running job and wait until it is handed back (or answered)."""
@@ -153,11 +156,16 @@ class Intake:
 
     def cancel(self, job_id: str) -> None:
         """Interrupt the running job if it is ``job_id`` (called from the ledger's reader thread)."""
+        self.abort_inflight("cancelled", job_id)
+
+    def abort_inflight(self, why: str, job_id: str | None = None) -> None:
+        """Interrupt the running job (only if it is ``job_id``, when given); safe from any thread.
+        The loop answers or hands it back on its next turn."""
         with self._lock:
             inflight = self._inflight
-            if inflight is not None and inflight.control.job_id == job_id:
-                inflight.control.abort("cancelled")
-                log.info("job.cancel_requested", job_id=job_id)
+            if inflight is not None and job_id in (None, inflight.control.job_id):
+                inflight.control.abort(why)
+                log.info("job.abort_requested", job_id=inflight.control.job_id, why=why)
 
     # --- records -----------------------------------------------------------------------------
 

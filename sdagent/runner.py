@@ -8,12 +8,15 @@ answer could not be produced durably). It never raises for a bad job.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 from datetime import datetime, timezone
 
 import structlog
@@ -29,6 +32,22 @@ from sdagent.outputs import OutputStore
 from sdagent.publisher import ReplyAddress, SourceRecord, StatusPublisher
 
 log = structlog.get_logger(__name__)
+
+
+class JobWatch(Protocol):
+    """Who watches a running job for hangs: the WebUI supervisor, or nobody (in-process backends)."""
+
+    def watch_job(self, job_id: str) -> AbstractContextManager: ...
+
+    def job_progress(self) -> None: ...
+
+
+class _NoWatch:
+    def watch_job(self, job_id: str) -> AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def job_progress(self) -> None:
+        pass
 
 
 class Outcome(enum.Enum):
@@ -128,6 +147,7 @@ class JobRunner:
         retry: RetryConfig,
         catch_up_timeout_s: float,
         progress_interval_s: float,
+        watch: JobWatch | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self._backend = backend
@@ -139,6 +159,7 @@ class JobRunner:
         self._retry = retry
         self._catch_up_timeout_s = catch_up_timeout_s
         self._progress_interval_s = progress_interval_s
+        self._watch = watch or _NoWatch()
         self._clock = clock
 
     def run(self, delivery: Delivery, control: JobControl) -> Outcome:
@@ -185,7 +206,10 @@ class JobRunner:
             timings.measure("upload_ms", since)
         except JobAborted as aborted:
             # The backend only knows it was interrupted; the control knows why.
-            return self._aborted(job, reply, control.why or aborted.why)
+            why = control.why or aborted.why
+            if why == "hung" and job.attempt + 1 >= self._retry.max_attempts:
+                return self._fail(job, delivery, reply, "hung", f"hung on {job.attempt + 1} WebUIs in a row")
+            return self._aborted(job, reply, why)
         except JobFailed as failure:
             return self._fail(job, delivery, reply, failure.reason, str(failure))
         except Exception as exc:  # a bug must fail one job, never the daemon
@@ -205,7 +229,8 @@ class JobRunner:
         self._publisher.publish(self._event(job, Status.STARTED), reply)
         since = time.perf_counter()
         control.progressed(0, job.steps)
-        generation = self._backend.generate(job, self._progress_reporter(job, reply, control), control.event)
+        with self._watch.watch_job(job.job_id):
+            generation = self._backend.generate(job, self._progress_reporter(job, reply, control), control.event)
         timings.measure("inference_ms", since)
         control.check()
         return generation
@@ -227,6 +252,7 @@ class JobRunner:
         def report(step: int, steps: int) -> None:
             nonlocal last_sent
             control.progressed(step, steps)
+            self._watch.job_progress()
             now = time.monotonic()
             if now - last_sent < self._progress_interval_s and step < steps:
                 return
@@ -246,8 +272,8 @@ class JobRunner:
             # The partition is gone: its next owner reads the job again from the committed offset.
             self._publisher.publish(self._event(job, Status.RELEASED, reason=why), reply)
             return Outcome.RELEASED
-        # Draining: queue the job again now (attempt counted), so it does not wait for this
-        # instance's partitions to move, then let its offset be committed.
+        # Draining or hung: queue the job again now (attempt counted), so it does not wait for
+        # this instance's partitions to move or its WebUI to restart; then commit its offset.
         self._publisher.requeue(job.model_copy(update={"attempt": job.attempt + 1}))
         self._publisher.publish_durably(self._event(job, Status.RELEASED, reason=why), reply)
         return Outcome.COMMIT

@@ -88,7 +88,10 @@ class FakeImds:
             return self
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True  # a slow scripted reply must not hold up stop()
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-imds", daemon=True)
+        # A short poll interval: shutdown() waits for serve_forever to notice, 0.5 s by default.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-imds", daemon=True
+        )
         self._thread.start()
         return self
 

@@ -105,6 +105,14 @@ class A1111Api:
         """Name the model the server loads at start-up in the options, as A1111's start does."""
         self.opts["sd_model_checkpoint"] = checkpoint.title
 
+    async def load_initial(self, checkpoint: Checkpoint) -> None:
+        """Load the start-up model under the lock, so a first txt2img waits for it as in A1111."""
+        async with self.engine.exclusive():
+            try:
+                await self._sync_model()
+            except (SimulatedOOM, NoCheckpoint) as exc:
+                log.error("sim.initial_load_failed", model=checkpoint.name, error=str(exc))
+
     def routes(self) -> list[web.RouteDef]:
         prefix = "/sdapi/v1"
         return [

@@ -1,0 +1,5 @@
+import sys
+
+from sdagent.sim.cli import main
+
+sys.exit(main())
