@@ -206,3 +206,14 @@ def test_img2img_reads_its_init_image_from_s3(pipeline, aws_endpoint, s3_bucket)
         job(kind="img2img", init_image={"s3_uri": f"s3://{s3_bucket}/inputs/absent.png"}), timeout_s=30
     )
     assert missing.status is Status.FAILED and missing.reason == "input_error"
+
+
+def test_uploads_failing_every_attempt_fail_the_job_into_the_dead_letter_topic(pipeline):
+    from sdagent.devstack.kafka import free_loopback_port
+
+    dead_endpoint = f"http://127.0.0.1:{free_loopback_port()}"
+    pipeline.start_agent(outputs={"endpoint_url": dead_endpoint}, retry={"max_attempts": 2})
+    answer = pipeline.client.run(job(job_id="upload-never-lands"), timeout_s=60)
+    assert answer.status is Status.FAILED and answer.reason == "output_unavailable"
+    (letter,) = pipeline.read(pipeline.settings.topics.dead_letters, 1)
+    assert headers_of(letter)["sdagent-job-id"] == "upload-never-lands"
