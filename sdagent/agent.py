@@ -8,6 +8,7 @@ nothing here touches process-global state.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from sdagent.inputs import InputResolver
 from sdagent.intake import Intake
 from sdagent.kafka_clients import jobs_consumer_config, producer_config, reader_config
 from sdagent.ledger import JobLedger
+from sdagent.lifecycle_hooks import Heartbeater, HookTarget, LifecycleActions
 from sdagent.outputs import OutputStore
 from sdagent.publisher import StatusPublisher
 from sdagent.runner import JobRunner
@@ -31,6 +33,7 @@ log = structlog.get_logger(__name__)
 
 BACKEND_READY_POLL_S = 0.5
 PRODUCER_FLUSH_S = 10.0
+PROTECTION_IDLE_S = 30.0  # idle this long before scale-in protection is lifted
 MEMORY_CHECK_INTERVAL_S = 5.0  # psutil walks the WebUI's process tree: not on every loop turn
 
 
@@ -45,12 +48,16 @@ class Agent:
         outputs: OutputStore,
         *,
         supervisor: WebUISupervisor | None = None,
+        lifecycle: LifecycleActions | None = None,
         consumer_factory: Callable[[dict], Consumer] = Consumer,
         producer_factory: Callable[[dict], Producer] = Producer,
     ) -> None:
         self._settings = settings
         self._backend = backend
         self._supervisor = supervisor
+        self._lifecycle = lifecycle
+        self._protection = _Protection(lifecycle, settings) if lifecycle and settings.lifecycle.protect_while_busy else None
+        self._terminating_by_group = False  # the group's terminate hook is waiting for us
         agent_id = settings.agent.instance_id
         self._producer = producer_factory(producer_config(settings.kafka, f"sdagent-{agent_id}"))
         self.publisher = StatusPublisher(self._producer, settings.topics, agent_id)
@@ -92,12 +99,19 @@ class Agent:
         self.ledger.start()
         self.intake.start()
         log.info("agent.started", instance_id=self._settings.agent.instance_id, backend=self._backend.name)
+        launch_hook = self._hook(self._settings.lifecycle.launch_hook)
+        if launch_hook is not None:
+            # Tell the group this instance can serve; retried in the background while the group
+            # has not put the instance in Pending:Wait yet.
+            threading.Thread(target=self._lifecycle.complete, args=(launch_hook,), daemon=True).start()
 
     def run(self) -> None:
         """Run jobs until :meth:`request_stop` is called."""
         next_memory_check = 0.0
         while not self.stopping.is_set():
             self.intake.step()
+            if self._protection is not None:
+                self._protection.follow(self.intake.busy)
             if self._supervisor is not None and not self.intake.busy and time.monotonic() >= next_memory_check:
                 # Between jobs only: a restart for memory never cuts a job short.
                 self._supervisor.restart_if_over_memory()
@@ -119,6 +133,21 @@ class Agent:
             deadline = time.monotonic() + self._settings.agent.drain_timeout_s
         log.info("agent.draining", reason=reason, busy=self.intake.busy, budget_s=round(deadline - time.monotonic(), 1))
         self.intake.hold("draining")
+        terminate_hook = self._hook(self._settings.lifecycle.terminate_hook)
+        heartbeats = (
+            Heartbeater(self._lifecycle, terminate_hook, self._settings.lifecycle.heartbeat_interval_s)
+            if terminate_hook is not None and self._terminating_by_group
+            else contextlib.nullcontext()
+        )
+        with heartbeats:
+            self._finish_or_release(deadline)
+        log.info("agent.drained", reason=reason, forced=self._forced.is_set())
+
+    def terminating_by_group(self) -> None:
+        """The group is terminating this instance: heartbeat its hook while draining, complete it after."""
+        self._terminating_by_group = True
+
+    def _finish_or_release(self, deadline: float) -> None:
         margin = self._settings.agent.drain_margin_s
         while self.intake.busy and not self._forced.is_set():
             remaining = self.intake.inflight_remaining_s()
@@ -128,7 +157,6 @@ class Agent:
             self.intake.step()  # keeps polling, so the group and the job's answer go on
         if self.intake.busy:
             self.intake.release_inflight("draining")
-        log.info("agent.drained", reason=reason, forced=self._forced.is_set())
 
     def force(self) -> None:
         """Make a drain in progress release the job in flight now."""
@@ -141,6 +169,7 @@ class Agent:
             ("ledger", self.ledger.stop),
             ("webui", self._supervisor.stop if self._supervisor else lambda: None),
             ("producer", lambda: self.publisher.flush(PRODUCER_FLUSH_S)),
+            ("terminate hook", self._complete_terminate_hook),
             ("backend", self._backend.close),
         ):
             try:
@@ -148,6 +177,16 @@ class Agent:
             except Exception:  # keep stopping the rest: a failing step must not strand the others
                 log.exception("agent.stop_step_failed", step=name)
         log.info("agent.stopped")
+
+    def _hook(self, name: str | None) -> HookTarget | None:
+        if self._lifecycle is None or name is None:
+            return None
+        return HookTarget(self._settings.lifecycle.autoscaling_group, name, self._settings.agent.instance_id)
+
+    def _complete_terminate_hook(self) -> None:
+        terminate_hook = self._hook(self._settings.lifecycle.terminate_hook)
+        if terminate_hook is not None and self._terminating_by_group:
+            self._lifecycle.complete(terminate_hook)
 
     def _start_supervised(self) -> None:
         supervisor = self._supervisor
@@ -172,3 +211,24 @@ class Agent:
             if time.monotonic() >= deadline:
                 raise BackendUnavailable(f"backend {self._backend.name} not ready after {timeout_s} s: {health.detail}")
             time.sleep(BACKEND_READY_POLL_S)
+
+
+class _Protection:
+    """Scale-in protection that follows busy/idle with hysteresis: a few API calls, not two per job."""
+
+    def __init__(self, lifecycle: LifecycleActions, settings: Settings) -> None:
+        self._lifecycle = lifecycle
+        self._group = settings.lifecycle.autoscaling_group
+        self._instance_id = settings.agent.instance_id
+        self._protected = False
+        self._last_busy = 0.0
+
+    def follow(self, busy: bool) -> None:
+        now = time.monotonic()
+        if busy:
+            self._last_busy = now
+        wanted = busy or now - self._last_busy < PROTECTION_IDLE_S
+        if wanted != self._protected:
+            self._lifecycle.set_protected(self._group, self._instance_id, wanted)
+            self._protected = wanted
+

@@ -6,8 +6,9 @@ import boto3
 from botocore.config import Config as BotoConfig
 
 from sdagent.backends.base import Backend
-from sdagent.config import BackendConfig, OutputsConfig
+from sdagent.config import BackendConfig, LifecycleConfig, OutputsConfig
 from sdagent.inputs import InputResolver
+from sdagent.lifecycle_hooks import LifecycleActions
 from sdagent.outputs import OutputStore
 
 # Retries are the job loop's business (with backoff and a job-level attempt count): botocore
@@ -49,3 +50,15 @@ def build_outputs(config: OutputsConfig, s3_client) -> OutputStore:
         cache_control=config.cache_control,
         multipart_threshold=config.multipart_threshold_bytes,
     )
+
+
+def build_lifecycle(config: LifecycleConfig) -> LifecycleActions | None:
+    """Lifecycle actions for the configured group, or None outside an Auto Scaling group."""
+    if config.autoscaling_group is None:
+        return None
+    autoscaling = boto3.client(
+        "autoscaling", region_name=config.region, endpoint_url=config.endpoint_url,
+        config=BotoConfig(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=10),
+    )
+    return LifecycleActions(autoscaling)
+

@@ -111,12 +111,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _run(args: argparse.Namespace) -> int:
     from sdagent.agent import Agent
-    from sdagent.assembly import build_backend, build_inputs, build_outputs, build_s3_client
+    from sdagent.assembly import build_backend, build_inputs, build_lifecycle, build_outputs, build_s3_client
 
     settings = _settings(args)
     configure_logging(settings.logging.format, settings.logging.level)
     s3 = build_s3_client(settings.outputs)
-    agent = Agent(settings, build_backend(settings.backend), build_inputs(s3), build_outputs(settings.outputs, s3))
+    agent = Agent(
+        settings, build_backend(settings.backend), build_inputs(s3), build_outputs(settings.outputs, s3),
+        lifecycle=build_lifecycle(settings.lifecycle),
+    )
     _install_signal_handlers(agent)
     agent.start()
     try:

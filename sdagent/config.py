@@ -145,6 +145,25 @@ class BackendConfig(_Section):
     process: ProcessConfig = Field(default_factory=ProcessConfig)
 
 
+class LifecycleConfig(_Section):
+    """The instance's Auto Scaling group and lifecycle hooks (``[lifecycle]``); all optional."""
+
+    autoscaling_group: str | None = None
+    launch_hook: str | None = None  # completed (CONTINUE) once the backend is ready to serve
+    terminate_hook: str | None = None  # heartbeated while draining, completed when drained
+    # AWS suggests 30-120 s heartbeats for capacity-rebalance drains.
+    heartbeat_interval_s: float = Field(30.0, ge=1)
+    protect_while_busy: bool = False  # scale-in protection; never stops a spot reclaim
+    region: str | None = None
+    endpoint_url: str | None = None  # tests point this at a fake
+
+    @model_validator(mode="after")
+    def _hooks_need_a_group(self) -> LifecycleConfig:
+        if (self.launch_hook or self.terminate_hook or self.protect_while_busy) and not self.autoscaling_group:
+            raise ValueError("lifecycle hooks and protection need autoscaling_group")
+        return self
+
+
 class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"  # auto: JSON under systemd or a pipe
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -175,6 +194,7 @@ class Settings(BaseModel):
     idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
+    lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 

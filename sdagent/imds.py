@@ -55,8 +55,9 @@ class ImdsError(SdagentError):
 
 
 class ImdsUnavailable(ImdsError):
-    """Raised when IMDS times out, cannot be reached, throttles (429), fails (5xx) or keeps refusing
-    fresh tokens (401 twice); transient: back off and ask again, never read it as an answer."""
+    """Raised when IMDS times out, cannot be reached, throttles (429), fails (5xx), will not issue a
+    token or refuses a fresh one (401 twice); transient: back off and ask again, never read it as an
+    answer."""
 
 
 def endpoint_from_environment(environ: Mapping[str, str]) -> str | None:
@@ -123,9 +124,7 @@ class ImdsClient:
         self._token_lock = threading.Lock()
         # trust_env=False: an HTTP(S)_PROXY meant for the internet must never see IMDS traffic, and
         # library modules do not read the environment.
-        self._http = httpx.Client(
-            base_url=self.endpoint, timeout=timeout_s, transport=transport, trust_env=False
-        )
+        self._http = httpx.Client(base_url=self.endpoint, timeout=timeout_s, transport=transport, trust_env=False)
 
     def get(self, path: str) -> ImdsResponse:
         """GET ``path``; any status but 401, 429 and 5xx is returned for the caller to judge.
@@ -172,12 +171,14 @@ class ImdsClient:
         requested_at = self._clock()  # before the request: its latency comes out of the TTL
         try:
             response = self._http.put(TOKEN_PATH, headers={TOKEN_TTL_HEADER: str(self._token_ttl_s)})
-        except httpx.TransportError as exc:
-            raise ImdsUnavailable(f"IMDS token request failed: {exc!r}", path=TOKEN_PATH) from exc
-        if response.status_code != 200 or not response.text:
+        except httpx.RequestError as exc:
+            # In a container the PUT's reply is dropped unless the instance's hop limit is 2: it times out.
             raise ImdsUnavailable(
-                f"IMDS answered {response.status_code} to the token request", path=TOKEN_PATH, status=response.status_code
-            )
+                f"IMDS token request failed: {exc!r} (in a container, is the hop limit 2?)", path=TOKEN_PATH
+            ) from exc
+        if response.status_code != 200 or not response.text:
+            status = response.status_code
+            raise ImdsUnavailable(f"IMDS answered {status} to the token request", path=TOKEN_PATH, status=status)
         ttl = _granted_ttl(response, self._token_ttl_s)
         log.debug("imds.token.fetched", ttl_s=ttl)
         return _Token(response.text, requested_at + ttl - min(TOKEN_REFRESH_MARGIN_S, ttl / 2))
@@ -187,7 +188,7 @@ class ImdsClient:
     def _send(self, path: str, token: str) -> ImdsResponse:
         try:
             response = self._http.get(path, headers={TOKEN_HEADER: token})
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise ImdsUnavailable(f"IMDS request for {path} failed: {exc!r}", path=path) from exc
         return ImdsResponse(response.status_code, response.text)
 

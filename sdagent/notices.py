@@ -50,7 +50,7 @@ MAINTENANCE_ACTIVE = "active"
 MAINTENANCE_REMOVED = "removed"  # an active event that left the list without saying canceled/completed
 MAINTENANCE_TIME_FORMAT = "%d %b %Y %H:%M:%S %Z"  # e.g. "21 Jan 2019 09:00:43 GMT"
 
-_LIFECYCLE_STATE = re.compile(r"[A-Za-z]+(:[A-Za-z]+)?")
+_LIFECYCLE_STATE = re.compile(r"[A-Za-z]+(:[A-Za-z]+)*")
 _RAW_LOG_CHARS = 200
 
 
@@ -74,7 +74,9 @@ class Notice:
       removed; the last three are ``cleared`` notices for an event that was active.
 
     ``deadline`` is when the action is expected, counted from ``seen_at`` when the given time is
-    past or implausible. ``raw`` is the IMDS body the notice came from.
+    past or implausible; ``stated_time`` is the time IMDS gave, unadjusted (spot ``time``, rebalance
+    ``noticeTime``, maintenance ``NotBefore``), e.g. to judge a notice older than this boot.
+    ``raw`` is the IMDS body the notice came from.
     """
 
     kind: NoticeKind
@@ -84,6 +86,7 @@ class Notice:
     state: str | None = None
     deadline: datetime | None = None
     event_id: str | None = None
+    stated_time: datetime | None = None
 
     @property
     def cleared(self) -> bool:
@@ -128,13 +131,15 @@ def _read_spot(response: ImdsResponse, seen_at: datetime) -> list[Notice] | None
     action = document.get("action")
     if not isinstance(action, str) or not action:
         raise _Malformed("no action")
+    stated = _parse_rfc3339(document.get("time"))
     return [
         Notice(
             NoticeKind.SPOT_INTERRUPTION,
             seen_at,
             response.text,
             action=action,
-            deadline=_spot_deadline(action, _parse_rfc3339(document.get("time")), seen_at),
+            deadline=_spot_deadline(action, stated, seen_at),
+            stated_time=stated,
         )
     ]
 
@@ -142,8 +147,9 @@ def _read_spot(response: ImdsResponse, seen_at: datetime) -> list[Notice] | None
 def _read_rebalance(response: ImdsResponse, seen_at: datetime) -> list[Notice] | None:
     if response.status == 404:
         return []
-    _json_object(response.text)
-    return [Notice(NoticeKind.REBALANCE, seen_at, response.text)]
+    document = _json_object(response.text)
+    stated = _parse_rfc3339(document.get("noticeTime"))
+    return [Notice(NoticeKind.REBALANCE, seen_at, response.text, stated_time=stated)]
 
 
 def _read_lifecycle(response: ImdsResponse, seen_at: datetime) -> list[Notice] | None:
@@ -178,6 +184,7 @@ def _maintenance_notice(event: dict, seen_at: datetime) -> Notice:
         state=str(event.get("State") or MAINTENANCE_ACTIVE).lower(),
         deadline=max(not_before, seen_at) if not_before else None,
         event_id=str(event.get("EventId") or f"{event.get('Code')}@{event.get('NotBefore')}"),
+        stated_time=not_before,
     )
 
 
@@ -254,7 +261,8 @@ class NoticeWatcher:
     A notice seen on every poll is announced once; one that goes away and comes back is announced
     again. Timeouts, 429, 5xx and malformed bodies are logged and never become notices; failed
     polls back off (:func:`backoff_delay`) and the thread carries on. ``on_notice`` runs on the
-    watcher thread; an exception from it is logged. ``clock`` returns an aware UTC datetime.
+    watcher thread, so it should hand the notice over and return (polling waits for it); an
+    exception from it is logged. ``clock`` returns an aware UTC datetime.
     """
 
     def __init__(
@@ -273,6 +281,8 @@ class NoticeWatcher:
         self._clock = clock
         self._state: dict[str, dict[tuple, Notice]] = {source.path: {} for source in SOURCES}
         self._state_lock = threading.Lock()
+        # One poll at a time (thread and check_now): an older reading must not be committed last.
+        self._poll_lock = threading.Lock()
         self._failures = 0
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -309,11 +319,12 @@ class NoticeWatcher:
         Notices returned here count as delivered: the watcher will not announce them again.
         Raises :class:`ImdsUnavailable` (or :class:`ImdsError`) if any path could not be read.
         """
-        now = self._clock()
-        readings = {source.path: self._read(source, now) for source in SOURCES}
-        with self._state_lock:
-            self._commit(readings, now)
-            return self._pending()
+        with self._poll_lock:
+            now = self._clock()
+            readings = {source.path: self._read(source, now) for source in SOURCES}
+            with self._state_lock:
+                self._commit(readings, now)
+                return self._pending()
 
     def current_notices(self) -> list[Notice]:
         """The notices pending as of the last poll (cleared ones left out), without asking IMDS."""
@@ -322,7 +333,17 @@ class NoticeWatcher:
 
     def poll(self) -> float:
         """One watch cycle: read every path, announce new notices; returns seconds until the next."""
-        now = self._clock()
+        with self._poll_lock:
+            now = self._clock()
+            readings, failed = self._read_all(now)
+            with self._state_lock:
+                announce = self._commit(readings, now)
+        for notice in announce:
+            self._announce(notice)
+        return self._next_delay(failed)
+
+    def _read_all(self, now: datetime) -> tuple[dict[str, list[Notice] | None], bool]:
+        """Each path's reading (paths that failed or were skipped are left out) and whether any failed."""
         readings: dict[str, list[Notice] | None] = {}
         failed = False
         for source in SOURCES:
@@ -330,14 +351,10 @@ class NoticeWatcher:
                 readings[source.path] = self._read(source, now)
             except ImdsError as exc:
                 failed = True
-                log.warning("notices.poll_failed", path=source.path, status=exc.status, error=str(exc))
+                log.warning("notices.poll_failed", path=exc.path or source.path, status=exc.status, error=str(exc))
                 if _stop_cycle(exc):
                     break
-        with self._state_lock:
-            announce = self._commit(readings, now)
-        for notice in announce:
-            self._announce(notice)
-        return self._next_delay(failed)
+        return readings, failed
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -353,7 +370,8 @@ class NoticeWatcher:
     def _read(self, source: _Source, now: datetime) -> list[Notice] | None:
         response = self._client.get(source.path)
         if response.status != 404 and not response.ok:
-            raise ImdsError(f"IMDS answered {response.status} for {source.path}", path=source.path, status=response.status)
+            status = response.status
+            raise ImdsError(f"IMDS answered {status} for {source.path}", path=source.path, status=status)
         try:
             reading = source.read(response, now)
         except _Malformed as exc:

@@ -178,7 +178,8 @@ class AemmServer:
         self._port = free_loopback_port()
         self._launch(binary)
         self._wait_until_ready()
-        log.info("aemm.started", endpoint=self.endpoint, mode=self.mode_args[:1], seconds=round(time.monotonic() - started, 2))
+        seconds = round(time.monotonic() - started, 2)
+        log.info("aemm.started", endpoint=self.endpoint, mode=self.mode_args[:1], seconds=seconds)
         return self
 
     def stop(self) -> None:

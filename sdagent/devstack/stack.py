@@ -79,11 +79,14 @@ class AgentThread:
 
     def __init__(self, settings: Settings, backend=None) -> None:
         from sdagent.agent import Agent
-        from sdagent.assembly import build_backend, build_inputs, build_outputs, build_s3_client
+        from sdagent.assembly import build_backend, build_inputs, build_lifecycle, build_outputs, build_s3_client
 
         self.backend = backend or build_backend(settings.backend)
         s3 = build_s3_client(settings.outputs)
-        self.agent = Agent(settings, self.backend, build_inputs(s3), build_outputs(settings.outputs, s3))
+        self.agent = Agent(
+            settings, self.backend, build_inputs(s3), build_outputs(settings.outputs, s3),
+            lifecycle=build_lifecycle(settings.lifecycle),
+        )
         self._thread = threading.Thread(target=self._main, name="sdagent-agent", daemon=True)
         self.error: BaseException | None = None
 

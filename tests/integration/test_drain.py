@@ -87,3 +87,29 @@ def test_second_sigterm_releases_at_once(pipeline, tmp_path):
         assert terminal_statuses(events) == []  # nobody else runs it here: it waits, queued again
     finally:
         stop_all(processes)
+
+
+def test_lifecycle_hooks_are_completed_at_launch_and_after_a_group_drain(pipeline, monkeypatch):
+    from sdagent.devstack.fake_autoscaling import FakeAutoScaling
+
+    fake = FakeAutoScaling().start()
+    try:
+        instance = "i-0lifecycle"
+        fake.activate("launch", instance)
+        fake.activate("terminate", instance)
+        lifecycle = {"autoscaling_group": "gpu-fleet", "launch_hook": "launch", "terminate_hook": "terminate",
+                     "heartbeat_interval_s": 1, "region": "us-east-1", "endpoint_url": fake.endpoint}
+        agent = pipeline.start_agent(agent={"instance_id": instance, "drain_timeout_s": 30, "drain_margin_s": 0},
+                                     lifecycle=lifecycle, backend={"step_latency_s": 0.1})
+        assert wait_until(lambda: fake.actions("CompleteLifecycleAction"), timeout_s=20)
+        pipeline.client.submit(job(job_id="finishes-while-heartbeating", steps=25))
+        assert wait_until(lambda: agent.agent.intake.busy, timeout_s=20)
+        agent.agent.terminating_by_group()
+        agent.stop()
+        completions = fake.actions("CompleteLifecycleAction")
+        assert [c["LifecycleHookName"] for c in completions] == ["launch", "terminate"]
+        assert len(fake.actions("RecordLifecycleActionHeartbeat")) >= 1
+        events = pipeline.events("finishes-while-heartbeating")
+        assert terminal_statuses(events) == [Status.SUCCEEDED]
+    finally:
+        fake.stop()

@@ -219,7 +219,10 @@ def test_endpoint_defaults_to_the_link_local_address():
 
 
 def test_endpoint_override_wins_and_loses_its_trailing_slash():
-    environ = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:1338/", "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv6"}
+    environ = {
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:1338/",
+        "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv6",
+    }
     assert endpoint_from_environment(environ) == "http://127.0.0.1:1338"
 
 

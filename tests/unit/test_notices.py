@@ -89,9 +89,11 @@ def test_spot_notice_keeps_the_given_time_two_minutes_ahead(imds, action):
 
 @pytest.mark.parametrize("offset_s", [-600, 0, 3600], ids=["past", "now", "hour-ahead"])
 def test_spot_time_past_or_skewed_counts_from_when_it_was_seen(imds, offset_s):
-    imds.fake.spot("terminate", START + timedelta(seconds=offset_s))
+    stated = START + timedelta(seconds=offset_s)
+    imds.fake.spot("terminate", stated)
     imds.poll()
     assert imds.notices[0].deadline == START + SPOT_WARNING
+    assert imds.notices[0].stated_time == stated  # kept, e.g. to tell a notice older than this boot
 
 
 def test_spot_time_that_does_not_parse_counts_from_when_it_was_seen(imds):
@@ -149,6 +151,7 @@ def test_rebalance_recommendation_is_a_notice_without_deadline(imds):
     imds.poll(times=3)
     [notice] = imds.notices
     assert (notice.kind, notice.deadline, notice.action) == (NoticeKind.REBALANCE, None, None)
+    assert notice.stated_time == START - timedelta(seconds=5)
 
 
 def test_rebalance_and_interruption_together_are_two_notices(imds):
@@ -270,7 +273,7 @@ def test_error_bursts_back_off_and_never_become_notices(imds, status):
     imds.fake.burst(SPOT_PATH, status, 3)
     with capture_logs() as logs:
         delays = [imds.poll() for _ in range(4)]
-    assert delays == [backoff_delay(1, INTERVAL_S), backoff_delay(2, INTERVAL_S), backoff_delay(3, INTERVAL_S), INTERVAL_S]
+    assert delays == [*(backoff_delay(failures, INTERVAL_S) for failures in (1, 2, 3)), INTERVAL_S]
     assert imds.notices == []
     events = [entry["event"] for entry in logs]
     assert events.count("notices.poll_failed") == 3 and "notices.poll_recovered" in events
