@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--replication-factor", type=int, help="override topics.replication_factor")
     create.set_defaults(handler=_topics_create)
 
+    sim = commands.add_parser("sim", help="run the WebUI SIMULATOR (A1111 + ComfyUI APIs) for tests and demos")
+    from sdagent.sim.cli import build_parser as add_sim_flags
+
+    add_sim_flags(sim)
+    sim.set_defaults(handler=_sim)
+
     devstack = commands.add_parser("devstack", help="local Kafka + moto + simulated backend + agent, run demo jobs")
     devstack.add_argument("--jobs", type=int, default=5, help="how many demo jobs (default 5)")
     devstack.set_defaults(handler=_devstack)
@@ -205,6 +211,12 @@ def _topics_create(args: argparse.Namespace) -> int:
     for name, state in outcome.items():
         print(f"{name}: {state}")
     return ExitCode.OK
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from sdagent.sim.cli import run_from_args
+
+    return run_from_args(args)
 
 
 def _devstack(args: argparse.Namespace) -> int:

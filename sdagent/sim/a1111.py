@@ -238,7 +238,7 @@ class A1111Api:
             self.state.preview = _preview(pictures[0])
             outcome = await self.engine.run_steps(generation, steps, self._on_step)
             if req.send_images:
-                images += await asyncio.to_thread(lambda: [b64(picture.png()) for picture in pictures])
+                images += await asyncio.to_thread(_encoded_batch, pictures)
             produced += len(pictures)
             if outcome is Outcome.INTERRUPTED:
                 break
@@ -271,9 +271,7 @@ class A1111Api:
         """``Processed.js()``: the generation's facts, sent as a JSON string in ``info``."""
         total = len(all_seeds)
         denoising = getattr(req, "denoising_strength", None) if isinstance(req, schema.Img2ImgRequest) else None
-        infotexts = [
-            _infotext(req, sampler, checkpoint, all_seeds[index], denoising) for index in range(produced)
-        ]
+        infotexts = [_infotext(req, sampler, checkpoint, all_seeds[index], denoising) for index in range(produced)]
         return {
             "prompt": req.prompt,
             "all_prompts": [req.prompt] * total,
@@ -357,7 +355,9 @@ class A1111Api:
         except ValueError as exc:
             return schema.unprocessable([{"loc": ["body", 0], "msg": str(exc), "type": "value_error.jsondecode"}])
         if not isinstance(document, dict):
-            return schema.unprocessable([{"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"}])
+            return schema.unprocessable(
+                [{"loc": ["body"], "msg": "value is not a valid dict", "type": "type_error.dict"}]
+            )
         name = document.get("sd_model_checkpoint")
         if name is not None and self.engine.catalog.resolve(name) is None:
             return schema.error_response(500, "RuntimeError", errors=f"model {name!r} not found")
@@ -457,6 +457,11 @@ def _picture(req: schema.GenerationRequest, init: list[Loaded] | None, seed: int
         return Drawn(req.width, req.height, seed, key)
     strength = req.denoising_strength if isinstance(req, schema.Img2ImgRequest) else 1.0
     return Blended(init[index % len(init)], req.width, req.height, seed, key, strength)
+
+
+def _encoded_batch(pictures: list[Picture]) -> list[str]:
+    """Base64 PNGs, drawn off the event loop so /progress keeps answering."""
+    return [b64(picture.png()) for picture in pictures]
 
 
 def _preview(picture: Picture) -> Picture:

@@ -169,9 +169,17 @@ def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
         kind = error["type"]
         ctx = error.get("ctx") or {}
         if kind == "greater_than_equal":
-            entry = {"type": "value_error.number.not_ge", "msg": f"ensure this value is greater than or equal to {ctx['ge']}", "ctx": {"limit_value": ctx["ge"]}}
+            entry = {
+                "type": "value_error.number.not_ge",
+                "msg": f"ensure this value is greater than or equal to {ctx['ge']}",
+                "ctx": {"limit_value": ctx["ge"]},
+            }
         elif kind == "less_than_equal":
-            entry = {"type": "value_error.number.not_le", "msg": f"ensure this value is less than or equal to {ctx['le']}", "ctx": {"limit_value": ctx["le"]}}
+            entry = {
+                "type": "value_error.number.not_le",
+                "msg": f"ensure this value is less than or equal to {ctx['le']}",
+                "ctx": {"limit_value": ctx["le"]},
+            }
         else:
             typ, msg = _PYDANTIC1.get(kind, (f"value_error.{kind}", error["msg"]))
             entry = {"type": typ, "msg": msg}

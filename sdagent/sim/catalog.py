@@ -89,9 +89,7 @@ class Catalog:
 
     def __post_init__(self) -> None:
         base = self.models_dir or Path("/simulated/models/Stable-diffusion")
-        self._declared = {
-            name: Checkpoint(name, size, str(base / name)) for name, size in self.declared.items()
-        }
+        self._declared = {name: Checkpoint(name, size, str(base / name)) for name, size in self.declared.items()}
         self.refresh()
 
     def refresh(self) -> None:
@@ -103,7 +101,10 @@ class Catalog:
                 continue
             known = self._scanned.get(name)
             found[name] = known or Checkpoint(
-                name, self.default_size_mb, str(self.models_dir / name), hashed=False  # type: ignore[operator]
+                name,
+                self.default_size_mb,
+                str(self.models_dir / name),
+                hashed=False,  # type: ignore[operator]
             )
         self._scanned = found
 

@@ -16,7 +16,11 @@ DEFAULT_PORT = 7861  # A1111's --nowebui port; ComfyUI's API answers on the same
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_from_args(build_parser().parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Serve with parsed flags (``sdagent sim`` parses them into its own subcommand)."""
     try:
         options = options_from_args(args)
     except ValueError as exc:
@@ -41,19 +45,40 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "--models", nargs="+", metavar="NAME[=MB]", default=list(defaults.DEFAULT_MODELS),
         help="checkpoint names the simulator offers, each optionally with its VRAM size in MB",
     )  # fmt: skip
-    parser.add_argument("--models-dir", type=Path, help="checkpoint files staged here are offered too (after a refresh)")
+    parser.add_argument(
+        "--models-dir", type=Path, help="checkpoint files staged here are offered too (after a refresh)"
+    )
     parser.add_argument("--data-dir", type=Path, help="ComfyUI input/output/temp dirs (default: a temporary dir)")
-    parser.add_argument("--initial-model", default="", help="model loaded at start ('none': no model; default: the first)")
+    parser.add_argument(
+        "--initial-model", default="", help="model loaded at start ('none': no model; default: the first)"
+    )
     parser.add_argument("--step-latency-s", type=float, default=defaults.DEFAULT_STEP_LATENCY_S)
-    parser.add_argument("--load-latency-s", type=float, default=defaults.DEFAULT_LOAD_LATENCY_S, help="cold model load from disk")
-    parser.add_argument("--switch-latency-s", type=float, default=defaults.DEFAULT_SWITCH_LATENCY_S, help="load of a model still warm in RAM")
+    parser.add_argument(
+        "--load-latency-s", type=float, default=defaults.DEFAULT_LOAD_LATENCY_S, help="cold model load from disk"
+    )
+    parser.add_argument(
+        "--switch-latency-s",
+        type=float,
+        default=defaults.DEFAULT_SWITCH_LATENCY_S,
+        help="load of a model still warm in RAM",
+    )
     parser.add_argument("--vram-total-mb", type=int, default=defaults.DEFAULT_VRAM_TOTAL_MB)
-    parser.add_argument("--model-vram-mb", type=int, default=defaults.DEFAULT_MODEL_VRAM_MB, help="VRAM of a model without =MB")
-    parser.add_argument("--vram-per-megapixel-mb", type=int, default=defaults.DEFAULT_VRAM_PER_MEGAPIXEL_MB, help="sampling memory per megapixel of batch")
-    parser.add_argument("--ram-cache-models", type=int, default=defaults.DEFAULT_RAM_CACHE_MODELS, help="models kept warm in RAM")
+    parser.add_argument(
+        "--model-vram-mb", type=int, default=defaults.DEFAULT_MODEL_VRAM_MB, help="VRAM of a model without =MB"
+    )
+    parser.add_argument(
+        "--vram-per-megapixel-mb",
+        type=int,
+        default=defaults.DEFAULT_VRAM_PER_MEGAPIXEL_MB,
+        help="sampling memory per megapixel of batch",
+    )
+    parser.add_argument(
+        "--ram-cache-models", type=int, default=defaults.DEFAULT_RAM_CACHE_MODELS, help="models kept warm in RAM"
+    )
     parser.add_argument(
         "--fault", action="append", default=[], metavar="KIND[:COUNT][:KEY=VALUE,...]",
-        help="arm a fault: error, slow, hang, crash, oom, ws_drop (COUNT -1: forever; keys: api, scope, status, delay_s)",
+        help="arm a fault: error, slow, hang, crash, oom, ws_drop "
+        "(COUNT -1: forever; keys: api, scope, status, delay_s)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, help="seeds the generator behind seed -1, for reproducible runs")
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")

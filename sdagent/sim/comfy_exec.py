@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from sdagent.sim.comfy_nodes import Dirs, Interrupted, Node, NodeFailure, NodeResult, RunContext
+from sdagent.sim.comfy_nodes import Dirs, Interrupted, Node, NodeResult, RunContext
 from sdagent.sim.comfy_ws import SocketHub
 from sdagent.sim.engine import Engine, Generation, SimulatedOOM
 from sdagent.sim.faults import Api, FaultKind
@@ -161,7 +161,13 @@ class Executor:
             item = await self.queue.next()
             if item is not None:
                 await self.hub.send_status()
-                await self.execute(item)
+                try:
+                    await self.execute(item)
+                except Exception:  # a simulator bug: fail this prompt, keep serving the queue
+                    log.exception("sim.comfy_worker_failed", prompt_id=item.prompt_id)
+                    if self.queue.running is item:
+                        status = {"status_str": "error", "completed": False, "messages": []}
+                        self.queue.task_done(item, {"outputs": {}, "meta": {}}, status)
             self._apply_flags(self.queue.take_flags())
 
     def _apply_flags(self, flags: dict[str, Any]) -> None:
@@ -230,13 +236,15 @@ class Executor:
         inputs = self._input_values(run, node, node_class)
         if run.client_id is not None:
             self.hub.last_node = node_id
-            await self.hub.send("executing", {"node": node_id, "display_node": node_id, "prompt_id": run.prompt_id}, run.client_id)
+            await self.hub.send(
+                "executing", {"node": node_id, "display_node": node_id, "prompt_id": run.prompt_id}, run.client_id
+            )
         if run.generation.interrupted:  # nodes.before_node_execution, after "executing" went out
             raise _NodeError(node_id, Interrupted(), inputs)
         context = RunContext(self.engine, run.generation, self.dirs, self._progress_reporter(run, node_id))
         try:
             result = await node_class.run(context, **inputs)
-        except (Interrupted, NodeFailure, SimulatedOOM) as exc:
+        except Exception as exc:  # as in ComfyUI, anything a node raises fails the prompt at that node
             raise _NodeError(node_id, exc, inputs) from None
         self._keep(run, node_id, signature, result)
         run.executed.append(node_id)
@@ -275,7 +283,12 @@ class Executor:
 
     async def _report_failure(self, run: _Run, failure: _NodeError) -> None:
         node_type = run.item.prompt[failure.node_id]["class_type"]
-        base = {"prompt_id": run.prompt_id, "node_id": failure.node_id, "node_type": node_type, "executed": list(run.executed)}
+        base = {
+            "prompt_id": run.prompt_id,
+            "node_id": failure.node_id,
+            "node_type": node_type,
+            "executed": list(run.executed),
+        }
         if isinstance(failure.error, Interrupted):
             await self._message(run, "execution_interrupted", base, broadcast=True)
             return
@@ -283,7 +296,7 @@ class Executor:
             exception_type, message = OOM_EXCEPTION_TYPE, f"{failure.error}\n{OOM_TIPS}"
             self.engine.unload()  # "Got an OOM, unloading all loaded models."
         else:
-            exception_type = getattr(failure.error, "exception_type", type(failure.error).__name__)
+            exception_type = getattr(failure.error, "exception_type", None) or _full_type_name(type(failure.error))
             message = f"{failure.error}\n"
         details = {
             **base,
@@ -330,6 +343,11 @@ def _is_link(value: Any) -> bool:
 
 def _meta(node_id: str) -> dict[str, Any]:
     return {"node_id": node_id, "display_node": node_id, "parent_node": None, "real_node_id": node_id}
+
+
+def _full_type_name(cls: type) -> str:
+    """execution.full_type_name: builtins bare, anything else with its module."""
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _format(value: Any) -> Any:

@@ -31,7 +31,10 @@ KSAMPLER_NAMES = [
     "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
     "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "ddim", "uni_pc", "uni_pc_bh2",
 ]  # fmt: skip
-SCHEDULER_NAMES = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal"]  # fmt: skip
+SCHEDULER_NAMES = [
+    "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic",
+    "kl_optimal",
+]  # fmt: skip
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 DIR_TYPES = ("input", "output", "temp")
 
@@ -190,7 +193,10 @@ class CLIPTextEncode(Node):
     name = "CLIPTextEncode"
     display_name = "CLIP Text Encode (Prompt)"
     category = "conditioning"
-    description = "Encodes a text prompt using a CLIP model into an embedding that can be used to guide the diffusion model towards generating specific images."
+    description = (
+        "Encodes a text prompt using a CLIP model into an embedding that can be used to guide the diffusion model "
+        "towards generating specific images."
+    )
     return_types = ("CONDITIONING",)
 
     def input_types(self, catalog: Catalog, dirs: Dirs) -> dict[str, Any]:
@@ -218,7 +224,10 @@ class EmptyLatentImage(Node):
             "required": {
                 "width": ("INT", {"default": 512, **side, "tooltip": "The width of the latent images in pixels."}),
                 "height": ("INT", {"default": 512, **side, "tooltip": "The height of the latent images in pixels."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "The number of latent images in the batch."}),
+                "batch_size": (
+                    "INT",
+                    {"default": 1, "min": 1, "max": 4096, "tooltip": "The number of latent images in the batch."},
+                ),
             }
         }
 
@@ -395,7 +404,9 @@ class _SaveAnimation(Node):
         filename = f"{base}_{counter:05}_.{self.fmt.value}"
         data = await asyncio.to_thread(animation, images, fps, self.fmt)
         await asyncio.to_thread((folder / filename).write_bytes, data)
-        return NodeResult((), {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}], "animated": [True]})
+        return NodeResult(
+            (), {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}], "animated": [True]}
+        )
 
 
 class SaveAnimatedWEBP(_SaveAnimation):

@@ -74,11 +74,17 @@ def _validate_outputs(validator: _Validator, outputs: list[str]) -> Validation:
             if not node_valid and node_reasons:
                 entry = node_errors.setdefault(
                     node_id,
-                    {"errors": node_reasons, "dependent_outputs": [], "class_type": validator.prompt[node_id]["class_type"]},
+                    {
+                        "errors": node_reasons,
+                        "dependent_outputs": [],
+                        "class_type": validator.prompt[node_id]["class_type"],
+                    },
                 )
                 entry["dependent_outputs"].append(output)
     if not good:
-        details = "\n".join(f"{reason['message']}: {reason['details']}" for _, reasons in failures for reason in reasons)
+        details = "\n".join(
+            f"{reason['message']}: {reason['details']}" for _, reasons in failures for reason in reasons
+        )
         error = _error("prompt_outputs_failed_validation", "Prompt outputs failed validation", details)
         return Validation(False, error, [], node_errors)
     return Validation(True, None, good, node_errors)
@@ -117,7 +123,9 @@ class _Validator:
             for name, spec in types.get(category, {}).items():
                 if name not in inputs:
                     if category == "required":
-                        errors.append(_reason("required_input_missing", "Required input is missing", name, {"input_name": name}))
+                        errors.append(
+                            _reason("required_input_missing", "Required input is missing", name, {"input_name": name})
+                        )
                     continue
                 if isinstance(inputs[name], list):
                     linked_ok, reason = self._check_link(inputs[name], name, spec)
@@ -134,7 +142,9 @@ class _Validator:
         info = _input_info(spec)
         if len(link) != 2:
             message = "Bad linked input, must be a length-2 list of [node_id, slot_index]"
-            return True, _reason("bad_linked_input", message, name, {"input_name": name, "input_config": info, "received_value": link})
+            return True, _reason(
+                "bad_linked_input", message, name, {"input_name": name, "input_config": info, "received_value": link}
+            )
         source_id, slot = link
         try:
             source_class = self.nodes[self.prompt[source_id]["class_type"]]
@@ -149,7 +159,9 @@ class _Validator:
             return True, _reason("return_type_mismatch", "Return type mismatch between linked nodes", details, extra)
         return self.validate(str(source_id))[0], None
 
-    def _check_value(self, inputs: dict[str, Any], name: str, spec: tuple[Any, ...], node_class: Node) -> dict[str, Any] | None:
+    def _check_value(
+        self, inputs: dict[str, Any], name: str, spec: tuple[Any, ...], node_class: Node
+    ) -> dict[str, Any] | None:
         input_type, info = spec[0], _input_info(spec)
         extra_info = info[1]
         value = inputs[name]
@@ -160,15 +172,29 @@ class _Validator:
             try:
                 value = inputs[name] = converter(value)
             except (TypeError, ValueError) as exc:
-                extra = {"input_name": name, "input_config": info, "received_value": value, "exception_message": str(exc)}
-                return _reason("invalid_input_type", f"Failed to convert an input value to a {input_type} value", f"{name}, {value}, {exc}", extra)
+                extra = {
+                    "input_name": name,
+                    "input_config": info,
+                    "received_value": value,
+                    "exception_message": str(exc),
+                }
+                return _reason(
+                    "invalid_input_type",
+                    f"Failed to convert an input value to a {input_type} value",
+                    f"{name}, {value}, {exc}",
+                    extra,
+                )
         if name in node_class.validated_inputs:
             return None  # VALIDATE_INPUTS decides about this input
         extra = {"input_name": name, "input_config": info, "received_value": value}
         if "min" in extra_info and value < extra_info["min"]:
-            return _reason("value_smaller_than_min", f"Value {value} smaller than min of {extra_info['min']}", name, extra)
+            return _reason(
+                "value_smaller_than_min", f"Value {value} smaller than min of {extra_info['min']}", name, extra
+            )
         if "max" in extra_info and value > extra_info["max"]:
-            return _reason("value_bigger_than_max", f"Value {value} bigger than max of {extra_info['max']}", name, extra)
+            return _reason(
+                "value_bigger_than_max", f"Value {value} bigger than max of {extra_info['max']}", name, extra
+            )
         if isinstance(input_type, list) and value not in input_type:
             # Long lists (scanned model files) are not sent back.
             listing = f"(list of length {len(input_type)})" if len(input_type) > 20 else str(input_type)
@@ -186,7 +212,9 @@ class _Validator:
         reasons = []
         for name in node_class.validated_inputs:
             details = name if verdict is False else f"{name} - {verdict}"
-            reasons.append(_reason("custom_validation_failed", "Custom validation failed for node", details, {"input_name": name}))
+            reasons.append(
+                _reason("custom_validation_failed", "Custom validation failed for node", details, {"input_name": name})
+            )
         return reasons
 
 

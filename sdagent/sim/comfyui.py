@@ -61,7 +61,6 @@ class ComfyApi:
         if self._worker is not None:
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
-        await self.hub.close_all()
 
     def routes(self) -> list[web.RouteDef]:
         table = [
@@ -98,7 +97,12 @@ class ComfyApi:
             return web.Response(status=500, text=INTERNAL_ERROR)
         number = self._next_number(document)
         if "prompt" not in document:
-            error = {"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided", "extra_info": {}}
+            error = {
+                "type": "no_prompt",
+                "message": "No prompt provided",
+                "details": "No prompt provided",
+                "extra_info": {},
+            }
             return web.json_response({"error": error, "node_errors": {}}, status=400)
         prompt = document["prompt"]
         self.engine.catalog.refresh_if_changed()

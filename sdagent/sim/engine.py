@@ -33,7 +33,6 @@ CRASH_EXIT_CODE = 99
 Clock = Callable[[], float]
 ExitProcess = Callable[[int], object]
 OnStep = Callable[[int, int], Awaitable[None]]
-MIB = 1024 * 1024
 
 
 class Outcome(enum.Enum):

@@ -131,17 +131,19 @@ class FaultPlan:
     def take_http(self, api: Api, *, starts_generation: bool) -> Fault | None:
         """The HTTP fault this request meets, if any; counts it as fired."""
         return self._take(
-            lambda fault: fault.kind in HTTP_KINDS
-            and fault.matches(api)
-            and (starts_generation or fault.scope is Scope.ALL)
+            lambda fault: (
+                fault.kind in HTTP_KINDS and fault.matches(api) and (starts_generation or fault.scope is Scope.ALL)
+            )
         )
 
     def take_generation(self, api: Api) -> Fault | None:
         """The generation fault a generation starting now meets, if any; counts it as fired."""
         return self._take(
-            lambda fault: fault.kind in GENERATION_KINDS
-            and fault.matches(api)
-            and (fault.kind is not FaultKind.WS_DROP or api is Api.COMFYUI)
+            lambda fault: (
+                fault.kind in GENERATION_KINDS
+                and fault.matches(api)
+                and (fault.kind is not FaultKind.WS_DROP or api is Api.COMFYUI)
+            )
         )
 
     def _take(self, wanted: Any) -> Fault | None:

@@ -39,7 +39,9 @@ COMFYUI = web.AppKey("comfyui", ComfyApi)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(options: SimOptions, *, engine: Engine | None = None, exit_process: ExitProcess = os._exit) -> web.Application:
+def build_app(
+    options: SimOptions, *, engine: Engine | None = None, exit_process: ExitProcess = os._exit
+) -> web.Application:
     """The simulator's application; ``engine`` and ``exit_process`` are seams for tests."""
     engine = engine or Engine.from_options(options, exit_process=exit_process)
     data_dir = options.data_dir or Path(tempfile.mkdtemp(prefix="sdagent-sim-"))
@@ -62,6 +64,10 @@ def build_app(options: SimOptions, *, engine: Engine | None = None, exit_process
             # A1111 loads its model at start-up while the API already answers (--nowebui).
             initial.append(asyncio.create_task(a1111.load_initial(checkpoint), name="sim-initial-load"))
 
+    async def on_shutdown(app: web.Application) -> None:
+        # Before connections close: aiohttp would otherwise wait for open websockets to end.
+        await comfy.hub.close_all()
+
     async def on_cleanup(app: web.Application) -> None:
         for task in initial:
             task.cancel()
@@ -71,6 +77,7 @@ def build_app(options: SimOptions, *, engine: Engine | None = None, exit_process
             shutil.rmtree(data_dir, ignore_errors=True)
 
     app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
     return app
 
@@ -176,7 +183,9 @@ def _faulty(engine: Engine) -> Callable[..., Awaitable[web.StreamResponse]]:
             await asyncio.sleep(fault.delay_s)
             return await handler(request)
         if api is Api.A1111:
-            return a1111_schema.error_response(fault.status, "RuntimeError", errors="simulated server error (injected fault)")
+            return a1111_schema.error_response(
+                fault.status, "RuntimeError", errors="simulated server error (injected fault)"
+            )
         return web.Response(status=fault.status, text=INTERNAL_ERROR)
 
     return inject

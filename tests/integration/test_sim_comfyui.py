@@ -44,8 +44,17 @@ def fetch(url: str) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
-def graph(*, seed: int = 1, steps: int = 3, size: int = 64, batch: int = 1, prefix: str = "sim", saver: str = "SaveImage",
-          ckpt: str = "sd15.safetensors", **saver_inputs: Any) -> dict[str, Any]:  # fmt: skip
+def graph(
+    *,
+    seed: int = 1,
+    steps: int = 3,
+    size: int = 64,
+    batch: int = 1,
+    prefix: str = "sim",
+    saver: str = "SaveImage",
+    ckpt: str = "sd15.safetensors",
+    **saver_inputs: Any,
+) -> dict[str, Any]:
     """The standard txt2img graph of ComfyUI's default workflow, in API format."""
     return {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
@@ -55,8 +64,16 @@ def graph(*, seed: int = 1, steps: int = 3, size: int = 64, batch: int = 1, pref
         "3": {
             "class_type": "KSampler",
             "inputs": {
-                "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-                "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0],
+                "seed": seed,
+                "steps": steps,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+                "denoise": 1.0,
+                "model": ["4", 0],
+                "positive": ["6", 0],
+                "negative": ["7", 0],
+                "latent_image": ["5", 0],
             },
         },  # fmt: skip
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
@@ -126,7 +143,11 @@ def test_history_holds_outputs_and_view_serves_the_files(sim: SimulatorThread) -
     prompt_id, _ = asyncio.run(run_prompt(sim.url, graph(seed=202, prefix="hist/run")))
     entry = call(f"{sim.url}/history/{prompt_id}")[1][prompt_id]
     assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
-    assert [event for event, _ in entry["status"]["messages"]] == ["execution_start", "execution_cached", "execution_success"]
+    assert [event for event, _ in entry["status"]["messages"]] == [
+        "execution_start",
+        "execution_cached",
+        "execution_success",
+    ]
     assert entry["prompt"][1] == prompt_id and entry["prompt"][4] == ["9"]
     image = entry["outputs"]["9"]["images"][0]
     assert image == {"filename": "run_00001_.png", "subfolder": "hist", "type": "output"}
@@ -147,7 +168,10 @@ def test_an_identical_prompt_is_fully_cached(sim: SimulatorThread) -> None:
     cached = next(m["data"]["nodes"] for m in messages if m["type"] == "execution_cached")
     assert sorted(cached) == ["3", "4", "5", "6", "7", "8", "9"]
     assert not [m for m in messages if m["type"] in ("progress", "executing") and m["data"]["node"] is not None]
-    assert next(m for m in messages if m["type"] == "executed")["data"]["output"]["images"][0]["filename"] == "cached_00001_.png"
+    assert (
+        next(m for m in messages if m["type"] == "executed")["data"]["output"]["images"][0]["filename"]
+        == "cached_00001_.png"
+    )
 
 
 def test_invalid_prompts_are_refused_with_node_errors(sim: SimulatorThread) -> None:
@@ -194,7 +218,16 @@ def test_uploaded_image_feeds_an_img2img_graph(sim: SimulatorThread) -> None:
 
 
 def test_video_nodes_save_a_real_animation(sim: SimulatorThread) -> None:
-    webp = graph(seed=606, batch=4, prefix="clip", saver="SaveAnimatedWEBP", fps=8.0, lossless=False, quality=80, method="default")
+    webp = graph(
+        seed=606,
+        batch=4,
+        prefix="clip",
+        saver="SaveAnimatedWEBP",
+        fps=8.0,
+        lossless=False,
+        quality=80,
+        method="default",
+    )
     prompt_id, _ = asyncio.run(run_prompt(sim.url, webp))
     output = wait_for_history(sim.url, prompt_id)["outputs"]["9"]
     assert output["animated"] == [True] and output["images"][0]["filename"] == "clip_00001_.webp"
@@ -254,7 +287,10 @@ def test_system_stats_object_info_and_models(sim: SimulatorThread) -> None:
     stats = call(f"{sim.url}/api/system_stats")[1]
     assert stats["devices"][0]["name"] == "SIMULATED" and stats["system"]["comfyui_version"].endswith("simulated")
     info = call(f"{sim.url}/object_info")[1]
-    assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == ["sd15.safetensors", "sdxl_base.safetensors"]
+    assert info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0] == [
+        "sd15.safetensors",
+        "sdxl_base.safetensors",
+    ]
     assert info["SaveImage"]["output_node"] is True and info["KSampler"]["output"] == ["LATENT"]
     ksampler = call(f"{sim.url}/object_info/KSampler")[1]["KSampler"]
     assert ksampler["input_order"]["required"][:3] == ["model", "seed", "steps"] and ksampler["category"] == "sampling"
@@ -266,7 +302,9 @@ def test_system_stats_object_info_and_models(sim: SimulatorThread) -> None:
 
 
 def test_a_checkpoint_staged_in_the_models_dir_shows_up_without_a_refresh(tmp_path: Path) -> None:
-    options = SimOptions(models=("sd15.safetensors",), models_dir=tmp_path, step_latency_s=0.0, load_latency_s=0.0, initial_model=None)
+    options = SimOptions(
+        models=("sd15.safetensors",), models_dir=tmp_path, step_latency_s=0.0, load_latency_s=0.0, initial_model=None
+    )
     with SimulatorThread(options) as running:
         (tmp_path / "staged.tmp").write_bytes(b"")
         os.rename(tmp_path / "staged.tmp", tmp_path / "staged.safetensors")  # an atomic rename, as a cache does
@@ -277,12 +315,29 @@ def test_a_checkpoint_staged_in_the_models_dir_shows_up_without_a_refresh(tmp_pa
 
 
 def test_a_batch_beyond_free_vram_fails_with_a_cuda_oom_execution_error() -> None:
-    options = SimOptions(step_latency_s=0.0, load_latency_s=0.0, initial_model=None, vram_total_mb=4096, vram_per_megapixel_mb=1024)
+    options = SimOptions(
+        step_latency_s=0.0, load_latency_s=0.0, initial_model=None, vram_total_mb=4096, vram_per_megapixel_mb=1024
+    )
     with SimulatorThread(options) as running:
         prompt_id, messages = asyncio.run(run_prompt(running.url, graph(size=1024, batch=4)))
         error = next(m["data"] for m in messages if m["type"] == "execution_error")
-        assert (error["node_id"], error["node_type"], error["exception_type"]) == ("3", "KSampler", "torch.cuda.OutOfMemoryError")
+        assert (error["node_id"], error["node_type"], error["exception_type"]) == (
+            "3",
+            "KSampler",
+            "torch.cuda.OutOfMemoryError",
+        )
         assert error["exception_message"].startswith("CUDA out of memory.") and "TIPS:" in error["exception_message"]
         assert error["current_inputs"]["steps"] == [3] and error["prompt_id"] == prompt_id
         assert wait_for_history(running.url, prompt_id)["status"]["status_str"] == "error"
         assert call(f"{running.url}/sim/stats")[1]["loaded_model"] is None  # ComfyUI unloads after an OOM
+
+
+def test_a_failing_node_reports_an_execution_error_and_the_queue_goes_on(sim: SimulatorThread) -> None:
+    prompt_id, messages = asyncio.run(run_prompt(sim.url, graph(seed=808, prefix="../outside")))
+    error = next(m["data"] for m in messages if m["type"] == "execution_error")
+    assert (error["node_type"], error["exception_type"]) == ("SaveImage", "Exception")
+    assert "outside the output folder" in error["exception_message"]
+    assert "8" in error["executed"] and "9" not in error["executed"]  # upstream nodes may come from the cache
+    assert wait_for_history(sim.url, prompt_id)["status"]["status_str"] == "error"
+    prompt_id, _ = asyncio.run(run_prompt(sim.url, graph(seed=808, prefix="inside")))
+    assert wait_for_history(sim.url, prompt_id)["status"]["status_str"] == "success"

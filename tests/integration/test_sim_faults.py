@@ -33,8 +33,16 @@ GRAPH: dict[str, Any] = {
     "3": {
         "class_type": "KSampler",
         "inputs": {
-            "seed": 5, "steps": 6, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0,
-            "model": ["4", 0], "positive": ["6", 0], "negative": ["6", 0], "latent_image": ["5", 0],
+            "seed": 5,
+            "steps": 6,
+            "cfg": 7.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1.0,
+            "model": ["4", 0],
+            "positive": ["6", 0],
+            "negative": ["6", 0],
+            "latent_image": ["5", 0],
         },
     },  # fmt: skip
     "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
@@ -105,7 +113,10 @@ def history(url: str, prompt_id: str) -> dict[str, Any]:
 def test_error_fault_answers_5xx_in_each_apis_shape_then_clears(sim: SimulatorThread) -> None:
     url = sim.url
     arm(url, kind="error", count=2, status=503, api="a1111")
-    expected = (503, {"error": "RuntimeError", "detail": "", "body": "", "errors": "simulated server error (injected fault)"})
+    expected = (
+        503,
+        {"error": "RuntimeError", "detail": "", "body": "", "errors": "simulated server error (injected fault)"},
+    )
     assert call(f"{url}/sdapi/v1/progress")[0] == 200  # not a generation request
     assert call(f"{url}/sdapi/v1/txt2img", "POST", TXT2IMG) == expected
     assert call(f"{url}/sdapi/v1/txt2img", "POST", TXT2IMG) == expected
@@ -248,11 +259,19 @@ def test_crash_fault_kills_the_process_mid_generation() -> None:
         process.communicate()
 
 
-def test_the_process_logs_a_simulator_start_line_and_stops_on_sigterm() -> None:
+def test_the_process_logs_a_simulator_start_line_and_stops_on_sigterm_despite_an_open_websocket() -> None:
     process, url = _start_process()
+
+    async def terminate_while_connected() -> aiohttp.WSMsgType:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"{url}/ws") as ws:
+                await ws.receive_json(timeout=5)
+                process.send_signal(signal.SIGTERM)
+                return (await ws.receive(timeout=10)).type
+
     try:
         assert call(f"{url}/system_stats")[1]["devices"][0]["name"] == "SIMULATED"
-        process.send_signal(signal.SIGTERM)
+        assert asyncio.run(terminate_while_connected()) is aiohttp.WSMsgType.CLOSE
         assert process.wait(timeout=10) == 0
         started = json.loads(next(line for line in process.stderr.read().splitlines() if "sim.started" in line))
         assert started["simulator"] is True and started["url"] == url
