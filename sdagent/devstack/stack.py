@@ -20,6 +20,7 @@ import tomli_w
 from confluent_kafka.admin import AdminClient
 
 from sdagent.config import Settings, load_settings
+from sdagent.devstack.kafka import die_with_parent
 from sdagent.errors import ExitCode
 from sdagent.kafka_clients import admin_config
 from sdagent.topics import create_topics
@@ -120,6 +121,7 @@ def spawn_agent(config: dict[str, Any], workdir: Path, name: str = "agent") -> s
         stdout=log_file,
         stderr=subprocess.STDOUT,
         env=env,
+        preexec_fn=die_with_parent,  # a hard-killed test run leaves no agent behind
     )
 
 
