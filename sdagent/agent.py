@@ -85,6 +85,7 @@ class Agent:
             settings.topics.jobs,
             runner,
             backend.interrupt,
+            read_ahead=settings.agent.read_ahead,
         )
         self.ledger.on_cancel(self.intake.cancel)
         self.stopping = threading.Event()

@@ -28,6 +28,7 @@ import structlog
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from sdagent.config import KafkaConfig, TopicsConfig
+from sdagent.delivery import Deliveries
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent
 from sdagent.kafka_clients import producer_config, reader_config
@@ -103,11 +104,12 @@ class Client:
         self._producer.flush(DELIVERY_TIMEOUT_S)
 
     def _produce_durably(self, topic: str, key: str, value: bytes) -> None:
-        outcome: list[Any] = []
-        self._producer.produce(topic, key=key.encode(), value=value, on_delivery=lambda err, _msg: outcome.append(err))
-        self._producer.flush(DELIVERY_TIMEOUT_S)
-        if not outcome or outcome[0] is not None:
-            raise KafkaUnavailable(f"could not queue to {topic}: {outcome[0] if outcome else 'timed out'}")
+        deliveries = Deliveries()
+        deliveries.expect()
+        self._producer.produce(topic, key=key.encode(), value=value, on_delivery=deliveries)
+        problem = deliveries.wait(self._producer, DELIVERY_TIMEOUT_S)
+        if problem is not None:
+            raise KafkaUnavailable(f"could not queue to {topic}: {problem}")
 
     def _reply_listener(self) -> _ReplyListener:
         with self._replies_lock:

@@ -30,6 +30,8 @@ IDLE_POLL_S = 0.1  # how long poll() waits when idle: bounds how fast a stop req
 RETRY_LATER_BACKOFF_S = 2.0  # after an answer could not be made durable (broker away)
 REVOKE_WAIT_S = 30.0  # how long a rebalance waits for an interrupted job to hand back
 COMMITTED_TIMEOUT_S = 5.0
+# Read-ahead is also bounded in bytes: a job with an inline init image can weigh megabytes.
+READ_AHEAD_BYTES = 8 * 1024 * 1024
 
 PartitionKey = tuple[str, int]
 
@@ -51,12 +53,14 @@ class Intake:
         runner: JobRunner,
         interrupt_backend: Callable[[], None],
         *,
+        read_ahead: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._consumer = consumer
         self._jobs_topic = jobs_topic
         self._runner = runner
         self._interrupt_backend = interrupt_backend
+        self._read_ahead = read_ahead
         self._clock = clock
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdagent-job")
         self._inflight: _InFlight | None = None
@@ -86,11 +90,10 @@ class Intake:
         inflight = self._inflight
         if inflight is not None:
             concurrent.futures.wait([inflight.future], timeout=IDLE_POLL_S)
-            message = self._consumer.poll(0)
-        else:
-            message = self._consumer.poll(0 if self._held else IDLE_POLL_S)
+        busy = inflight is not None or bool(self._held)
+        messages = self._consumer.consume(max(1, self._read_ahead), 0 if busy else IDLE_POLL_S)
         self._finish_if_done()
-        if message is not None:
+        for message in messages:
             self._take(message)
         self._reconcile_pause()
         self._start_next()
@@ -239,10 +242,24 @@ class Intake:
     # --- pausing -----------------------------------------------------------------------------
 
     def _reconcile_pause(self) -> None:
-        """Pause everything while a job runs, records wait, or intake is draining; else resume."""
-        want_paused = (
-            self._inflight is not None or bool(self._held) or bool(self._holds) or self._clock() < self._retry_at
-        )
+        """Pause every partition while intake is held (draining, backend down...) or once
+        ``read_ahead`` records wait locally; resume when the wait is half used up.
+
+        Records read ahead sit in this agent only: an assigned partition is read by no other
+        member, so holding a few costs the fleet nothing and spares a pause and resume per job,
+        which costs a fetch round (up to fetch.wait.max.ms) each time. ``read_ahead = 0`` pauses
+        whenever a job runs.
+        """
+        if self._holds or self._clock() < self._retry_at:
+            want_paused = True
+        elif self._read_ahead == 0:
+            want_paused = self._inflight is not None or bool(self._held)
+        elif self._paused:
+            # Resume only once half the read-ahead is used up: the jobs still held then cover the
+            # first fetch after resume, which waits for the fetch already at the broker.
+            want_paused = len(self._held) > self._read_ahead // 2 or self._held_bytes() > READ_AHEAD_BYTES // 2
+        else:
+            want_paused = len(self._held) >= self._read_ahead or self._held_bytes() >= READ_AHEAD_BYTES
         if want_paused:
             missing = self._assigned - self._paused
             if missing:
@@ -255,6 +272,9 @@ class Intake:
             self._paused.clear()
             self._pause_unknown.clear()
             self._wake_fetcher(partitions)
+
+    def _held_bytes(self) -> int:
+        return sum(len(delivery.value or b"") for delivery in self._held)
 
     def _wake_fetcher(self, partitions: list[TopicPartition]) -> None:
         # Measured with librdkafka 2.16 (bench/pipeline.py, docs/delivery.md): after a pause,

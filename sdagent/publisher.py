@@ -8,14 +8,13 @@ acks=all, and the job's offset is committed only after that.
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass
 
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
 
 from sdagent.config import TopicsConfig
+from sdagent.delivery import Deliveries
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent
 
@@ -23,7 +22,6 @@ log = structlog.get_logger(__name__)
 
 STATUS_HEADER = "sdagent-status"
 CORRELATION_HEADER = "correlation_id"
-AWAIT_POLL_S = 0.005  # delivery reports arrive within a broker round trip; poll often
 
 
 @dataclass(frozen=True)
@@ -42,29 +40,6 @@ class SourceRecord:
     topic: str
     partition: int
     offset: int
-
-
-class _Deliveries:
-    """Counts outstanding deliveries of one durable publish and keeps the first error."""
-
-    def __init__(self) -> None:
-        self.pending = 0
-        self.error: KafkaError | None = None
-        self.done = threading.Event()
-        self._lock = threading.Lock()
-
-    def expect(self) -> None:
-        with self._lock:
-            self.pending += 1
-            self.done.clear()
-
-    def __call__(self, error: KafkaError | None, _message: Message) -> None:
-        with self._lock:
-            if error is not None and self.error is None:
-                self.error = error
-            self.pending -= 1
-            if self.pending == 0:
-                self.done.set()
 
 
 class StatusPublisher:
@@ -87,7 +62,7 @@ class StatusPublisher:
         Raises KafkaUnavailable when a copy fails or is not acknowledged in time; the caller must
         then not commit the job's offset.
         """
-        deliveries = _Deliveries()
+        deliveries = Deliveries()
         self._produce_event(event, reply, deliveries)
         self._await(deliveries, f"status {event.status.value} of job {event.job_id}")
 
@@ -111,7 +86,7 @@ class StatusPublisher:
         ]
         if job_id:
             headers.append(("sdagent-job-id", job_id.encode()))
-        deliveries = _Deliveries()
+        deliveries = Deliveries()
         deliveries.expect()
         self._producer.produce(
             self._topics.dead_letters,
@@ -125,7 +100,7 @@ class StatusPublisher:
 
     def requeue(self, job: Job) -> None:
         """Durably put ``job`` back on the jobs topic, keyed by its id like a caller's submission."""
-        deliveries = _Deliveries()
+        deliveries = Deliveries()
         self._produce(self._topics.jobs, None, job.job_id.encode(), job.model_dump_json(exclude_none=True).encode(),
                       [("sdagent-requeued-by", self._agent_id.encode())], deliveries)
         self._await(deliveries, f"requeue of job {job.job_id}")
@@ -152,7 +127,7 @@ class StatusPublisher:
             self._produce(reply.topic, reply.partition, key, value, headers, self._log_failed_delivery)
 
     def _produce(self, topic, partition, key, value, headers, on_delivery) -> None:
-        if isinstance(on_delivery, _Deliveries):
+        if isinstance(on_delivery, Deliveries):
             on_delivery.expect()
         kwargs = {"partition": partition} if partition is not None else {}
         try:
@@ -162,15 +137,10 @@ class StatusPublisher:
             self._producer.poll(1.0)
             self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery, **kwargs)
 
-    def _await(self, deliveries: _Deliveries, what: str) -> None:
-        # poll() serves delivery callbacks; waiting on these records alone (not a whole-queue
-        # flush) keeps a slow best-effort copy elsewhere from holding this answer up.
-        deadline = time.monotonic() + self._delivery_timeout_s
-        while not deliveries.done.is_set() and time.monotonic() < deadline:
-            self._producer.poll(AWAIT_POLL_S)
-        if not deliveries.done.is_set() or deliveries.error is not None:
-            error = deliveries.error or "not acknowledged in time"
-            raise KafkaUnavailable(f"could not durably produce {what}: {error}")
+    def _await(self, deliveries: Deliveries, what: str) -> None:
+        problem = deliveries.wait(self._producer, self._delivery_timeout_s)
+        if problem is not None:
+            raise KafkaUnavailable(f"could not durably produce {what}: {problem}")
 
     @staticmethod
     def _log_failed_delivery(error: KafkaError | None, message: Message) -> None:

@@ -25,7 +25,7 @@ import tenacity
 from sdagent.backends.base import Backend, Generation
 from sdagent.config import RetryConfig
 from sdagent.errors import TRANSIENT_ERRORS, JobAborted, JobFailed, JobRejected, KafkaUnavailable
-from sdagent.jobs import Job, Limits, OutputLink, Progress, Status, StatusEvent, parse_job
+from sdagent.jobs import Job, Limits, Progress, Status, StatusEvent, parse_job
 from sdagent.inputs import InputResolver
 from sdagent.ledger import JobLedger
 from sdagent.outputs import OutputStore
@@ -247,14 +247,16 @@ class JobRunner:
         return retrying(attempt)
 
     def _progress_reporter(self, job: Job, reply: ReplyAddress | None, control: JobControl) -> Callable[[int, int], None]:
-        last_sent = 0.0
+        # The first event comes one interval into the run: a job faster than that says
+        # started and succeeded only, two records fewer for every reader of the results topic.
+        last_sent = time.monotonic()
 
         def report(step: int, steps: int) -> None:
             nonlocal last_sent
             control.progressed(step, steps)
             self._watch.job_progress()
             now = time.monotonic()
-            if now - last_sent < self._progress_interval_s and step < steps:
+            if now - last_sent < self._progress_interval_s:
                 return
             last_sent = now
             progress = Progress(step=step, steps=steps, fraction=round(step / steps, 4) if steps else 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import structlog
@@ -13,6 +14,7 @@ from sdagent.config import TopicsConfig
 log = structlog.get_logger(__name__)
 
 _HOUR_MS = 3600 * 1000
+LEADER_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -59,4 +61,23 @@ def create_topics(
                 raise
             outcome[name] = "exists"
         log.info("topic.ensured", topic=name, outcome=outcome[name])
+    _wait_for_leaders(admin, [spec.name for spec in specs], timeout_s)
     return outcome
+
+
+def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) -> None:
+    """Return once every partition has a leader: a new topic answers NOT_LEADER for a moment."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metadata = admin.list_topics(timeout=timeout_s)
+        leaderless = [
+            name for name in names
+            if name not in metadata.topics
+            or metadata.topics[name].error is not None
+            or any(p.leader < 0 for p in metadata.topics[name].partitions.values())
+        ]
+        if not leaderless:
+            return
+        if time.monotonic() >= deadline:
+            raise KafkaException(f"topics without leaders after {timeout_s} s: {', '.join(leaderless)}")
+        time.sleep(LEADER_POLL_S)
