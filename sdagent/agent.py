@@ -9,6 +9,7 @@ nothing here touches process-global state.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from sdagent.outputs import OutputStore
 from sdagent.publisher import StatusPublisher
 from sdagent.runner import JobRunner
 from sdagent.supervisor import WebUISupervisor
+from sdagent.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +51,7 @@ class Agent:
         *,
         supervisor: WebUISupervisor | None = None,
         lifecycle: LifecycleActions | None = None,
+        notifier: Notifier | None = None,
         consumer_factory: Callable[[dict], Consumer] = Consumer,
         producer_factory: Callable[[dict], Producer] = Producer,
     ) -> None:
@@ -58,7 +61,11 @@ class Agent:
         self._lifecycle = lifecycle
         self._protection = _Protection(lifecycle, settings) if lifecycle and settings.lifecycle.protect_while_busy else None
         self._terminating_by_group = False  # the group's terminate hook is waiting for us
-        agent_id = settings.agent.instance_id
+        self._notifier = notifier or Notifier(None)
+        self._drain_lock = threading.Lock()
+        self._drain_reason = "stop requested"
+        self.drain_deadline: float | None = None  # time.monotonic() value set by a notice
+        agent_id = settings.agent.instance_id or socket.gethostname()
         self._producer = producer_factory(producer_config(settings.kafka, f"sdagent-{agent_id}"))
         self.publisher = StatusPublisher(self._producer, settings.topics, agent_id)
         self.ledger = JobLedger(
@@ -97,8 +104,12 @@ class Agent:
             self._start_supervised()
         else:
             self._wait_backend_ready(ready_timeout_s)
+        if self.stopping.is_set():
+            log.warning("agent.not_consuming", reason=self._drain_reason)  # a notice came first
+            return
         self.ledger.start()
         self.intake.start()
+        self._notifier.ready(f"consuming {self._settings.topics.jobs}")
         log.info("agent.started", instance_id=self._settings.agent.instance_id, backend=self._backend.name)
         launch_hook = self._hook(self._settings.lifecycle.launch_hook)
         if launch_hook is not None:
@@ -109,8 +120,14 @@ class Agent:
     def run(self) -> None:
         """Run jobs until :meth:`request_stop` is called."""
         next_memory_check = 0.0
+        watchdog = self._notifier.watchdog_period()
+        next_ping = 0.0
         while not self.stopping.is_set():
             self.intake.step()
+            if watchdog is not None and time.monotonic() >= next_ping:
+                # From the loop itself: a stuck loop stops the pings and systemd restarts us.
+                self._notifier.watchdog_ping()
+                next_ping = time.monotonic() + watchdog / 2
             if self._protection is not None:
                 self._protection.follow(self.intake.busy)
             if self._supervisor is not None and not self.intake.busy and time.monotonic() >= next_memory_check:
@@ -120,9 +137,28 @@ class Agent:
 
     def request_stop(self, reason: str) -> None:
         """Ask the loop to leave; safe from a signal handler or another thread."""
-        if not self.stopping.is_set():
-            log.info("agent.stop_requested", reason=reason)
-        self.stopping.set()
+        self.request_drain(reason, None)
+
+    def request_drain(self, reason: str, deadline: float | None) -> None:
+        """Ask the loop to leave and drain by ``deadline`` (a ``time.monotonic()`` value, or the
+        configured drain timeout); the earliest deadline asked for wins. Safe from any thread."""
+        with self._drain_lock:
+            if not self.stopping.is_set():
+                self._drain_reason = reason
+                log.info("agent.stop_requested", reason=reason)
+            if deadline is not None and (self.drain_deadline is None or deadline < self.drain_deadline):
+                self.drain_deadline = deadline
+            self.stopping.set()
+
+    def hold(self, reason: str) -> None:
+        self.intake.hold(reason)
+
+    def unhold(self, reason: str) -> None:
+        self.intake.unhold(reason)
+
+    @property
+    def drain_reason(self) -> str:
+        return self._drain_reason
 
     def drain(self, reason: str, deadline: float | None = None) -> None:
         """Stop taking work; let the job in flight finish when its progress says it will, well
@@ -134,6 +170,7 @@ class Agent:
             deadline = time.monotonic() + self._settings.agent.drain_timeout_s
         log.info("agent.draining", reason=reason, busy=self.intake.busy, budget_s=round(deadline - time.monotonic(), 1))
         self.intake.hold("draining")
+        self._notifier.stopping(f"draining: {reason}")
         terminate_hook = self._hook(self._settings.lifecycle.terminate_hook)
         heartbeats = (
             Heartbeater(self._lifecycle, terminate_hook, self._settings.lifecycle.heartbeat_interval_s)

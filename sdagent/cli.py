@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -118,22 +120,63 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _run(args: argparse.Namespace) -> int:
     from sdagent.agent import Agent
     from sdagent.assembly import build_backend, build_inputs, build_lifecycle, build_outputs, build_s3_client
+    from sdagent.systemd import from_environment as systemd_notifier
 
     settings = _settings(args)
     configure_logging(settings.logging.format, settings.logging.level)
+    imds_client = _imds_client(settings)
+    if settings.agent.instance_id is None:
+        host = socket.gethostname()
+        settings.agent.instance_id = host if imds_client is None else _instance_id(imds_client, host)
     s3 = build_s3_client(settings.outputs)
     agent = Agent(
         settings, build_backend(settings.backend), build_inputs(s3), build_outputs(settings.outputs, s3),
-        lifecycle=build_lifecycle(settings.lifecycle),
+        lifecycle=build_lifecycle(settings.lifecycle), notifier=systemd_notifier(os.environ),
     )
     _install_signal_handlers(agent)
-    agent.start()
+    watcher = _watch_notices(imds_client, settings, agent) if imds_client is not None else None
     try:
+        agent.start()
         agent.run()
-        agent.drain("stop requested")
+        agent.drain(agent.drain_reason, agent.drain_deadline)
     finally:
+        if watcher is not None:
+            watcher.stop()
         agent.stop()
     return ExitCode.OK
+
+
+def _imds_client(settings: Settings):
+    from sdagent.imds import ImdsClient, endpoint_from_environment
+
+    endpoint = endpoint_from_environment(os.environ) if settings.imds.enabled else None
+    return None if endpoint is None else ImdsClient(endpoint)
+
+
+def _instance_id(imds_client, fallback: str) -> str:
+    from sdagent.imds import ImdsError, instance_identity
+
+    try:
+        return instance_identity(imds_client).instance_id
+    except ImdsError as exc:  # not on EC2, or IMDS away: keep the configured/host name
+        log.warning("imds.identity_unavailable", error=str(exc), instance_id=fallback)
+        return fallback
+
+
+def _watch_notices(imds_client, settings: Settings, agent):
+    """Act on what IMDS says already (a restart mid-drain must not take work), then keep watching."""
+    from sdagent.imds import ImdsError
+    from sdagent.interruptions import InterruptionPolicy
+    from sdagent.notices import NoticeWatcher
+
+    policy = InterruptionPolicy(agent, rebalance=settings.imds.rebalance, rebalance_hold_s=settings.imds.rebalance_hold_s)
+    watcher = NoticeWatcher(imds_client, settings.imds.interval_s, on_notice=policy)
+    try:
+        for notice in watcher.check_now():
+            policy(notice)
+    except ImdsError as exc:
+        log.warning("imds.unavailable_at_start", error=str(exc))
+    return watcher.start()
 
 
 def _install_signal_handlers(agent) -> None:

@@ -8,7 +8,6 @@ module below receives only the section it needs. A bad value raises :class:`Conf
 
 from __future__ import annotations
 
-import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -164,13 +163,26 @@ class LifecycleConfig(_Section):
         return self
 
 
+class ImdsConfig(_Section):
+    """Watching the instance metadata service for spot, rebalance, lifecycle and maintenance notices."""
+
+    enabled: bool = True
+    # AWS suggests 5 s; aws-node-termination-handler polls every 2 s. A poll is one local request.
+    interval_s: float = Field(2.0, gt=0, le=60)
+    # Rebalance recommendation: "drain" leaves early; "hold" takes no new job for rebalance_hold_s
+    # and then resumes if no interruption followed.
+    rebalance: Literal["drain", "hold"] = "hold"
+    rebalance_hold_s: float = Field(600.0, gt=0)
+
+
 class LoggingConfig(_Section):
     format: Literal["auto", "json", "console"] = "auto"  # auto: JSON under systemd or a pipe
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class AgentConfig(_Section):
-    instance_id: str = Field(default_factory=socket.gethostname, min_length=1)
+    # None: the EC2 instance id from IMDS, else the host name (resolved by ``sdagent run``).
+    instance_id: str | None = Field(None, min_length=1)
     # Jobs read from Kafka ahead of the running one and held here (also bounded to 8 MiB);
     # partitions are paused once this many wait and resumed at half (0: paused while any job
     # runs). Only this agent reads its partitions, so holding them costs the fleet nothing, and
@@ -200,6 +212,7 @@ class Settings(BaseModel):
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     backend: BackendConfig = Field(default_factory=BackendConfig)
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
+    imds: ImdsConfig = Field(default_factory=ImdsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 

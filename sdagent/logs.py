@@ -34,3 +34,5 @@ def configure_logging(fmt: str = "auto", level: str = "info") -> None:
     logging.basicConfig(level=numeric_level, stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
     # botocore logs every retry at INFO; the agent logs its own retries as events.
     logging.getLogger("botocore").setLevel(max(numeric_level, logging.WARNING))
+    # httpx logs every request at INFO: the IMDS watcher alone would log four lines a poll.
+    logging.getLogger("httpx").setLevel(max(numeric_level, logging.WARNING))

@@ -51,6 +51,7 @@ def stack_config(
         "outputs": {"bucket": bucket, "prefix": "outputs", "endpoint_url": aws_endpoint, "region": "us-east-1"},
         "backend": {"kind": "simulated", "models": DEMO_MODELS},
         "retry": {"initial_backoff_s": 0.05, "max_backoff_s": 0.2},
+        "imds": {"enabled": False},  # no instance metadata on a dev box; the spot tests turn it on
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
@@ -111,10 +112,12 @@ class AgentThread:
             self.agent.stop()
 
 
-def spawn_agent(config: dict[str, Any], workdir: Path, name: str = "agent") -> subprocess.Popen:
+def spawn_agent(
+    config: dict[str, Any], workdir: Path, name: str = "agent", env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Run ``sdagent run`` as a child process, JSON logs to ``<workdir>/<name>.log``."""
     config_path = write_config(config, workdir / f"{name}.toml")
-    env = {**os.environ, **local_aws_environment(), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **local_aws_environment(), "PYTHONUNBUFFERED": "1", **(env or {})}
     log_file = (workdir / f"{name}.log").open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "sdagent", "run", "--config", str(config_path)],
