@@ -86,6 +86,7 @@ class Agent:
             catch_up_timeout_s=settings.idempotency.catch_up_timeout_s,
             progress_interval_s=settings.agent.progress_interval_s,
             watch=supervisor,
+            backend_ready_wait_s=settings.backend.process.ready_timeout_s,
         )
         self.intake = Intake(
             consumer_factory(jobs_consumer_config(settings.kafka, agent_id)),

@@ -10,6 +10,7 @@ from sdagent.config import BackendConfig, LifecycleConfig, OutputsConfig
 from sdagent.inputs import InputResolver
 from sdagent.lifecycle_hooks import LifecycleActions
 from sdagent.outputs import OutputStore
+from sdagent.supervisor import WebUISupervisor
 
 # Retries are the job loop's business (with backoff and a job-level attempt count): botocore
 # retries once more itself for throttling and dropped connections, in its standard mode.
@@ -26,7 +27,26 @@ def build_backend(config: BackendConfig) -> Backend:
         return SimulatedBackend(
             config.models, step_latency_s=config.step_latency_s, switch_latency_s=config.switch_latency_s
         )
-    raise ValueError(f"unknown backend kind {config.kind}")  # the config schema admits no other
+    if config.kind == "a1111":
+        from sdagent.backends.a1111 import A1111Backend
+
+        return A1111Backend(
+            config.url, models=config.models, request_timeout_s=config.request_timeout_s,
+            progress_poll_s=config.progress_poll_s,
+        )
+    from sdagent.backends.comfyui import ComfyUIBackend  # the only kind left in the schema
+
+    return ComfyUIBackend(
+        config.url, models=config.models, request_timeout_s=config.request_timeout_s,
+        progress_poll_s=config.progress_poll_s, workflows_dir=config.workflows_dir,
+    )
+
+
+def build_supervisor(config: BackendConfig, backend: Backend) -> WebUISupervisor | None:
+    """The WebUI's supervisor; None for the in-process simulated backend, which has no process."""
+    if config.kind == "simulated":
+        return None
+    return WebUISupervisor.for_backend(config, backend)
 
 
 def build_s3_client(config: OutputsConfig):

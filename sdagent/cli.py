@@ -119,7 +119,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _run(args: argparse.Namespace) -> int:
     from sdagent.agent import Agent
-    from sdagent.assembly import build_backend, build_inputs, build_lifecycle, build_outputs, build_s3_client
+    from sdagent.assembly import (
+        build_backend,
+        build_inputs,
+        build_lifecycle,
+        build_outputs,
+        build_s3_client,
+        build_supervisor,
+    )
     from sdagent.systemd import from_environment as systemd_notifier
 
     settings = _settings(args)
@@ -129,8 +136,10 @@ def _run(args: argparse.Namespace) -> int:
         host = socket.gethostname()
         settings.agent.instance_id = host if imds_client is None else _instance_id(imds_client, host)
     s3 = build_s3_client(settings.outputs)
+    backend = build_backend(settings.backend)
     agent = Agent(
-        settings, build_backend(settings.backend), build_inputs(s3), build_outputs(settings.outputs, s3),
+        settings, backend, build_inputs(s3), build_outputs(settings.outputs, s3),
+        supervisor=build_supervisor(settings.backend, backend),
         lifecycle=build_lifecycle(settings.lifecycle), notifier=systemd_notifier(os.environ),
     )
     _install_signal_handlers(agent)

@@ -31,7 +31,7 @@ from sdagent.config import KafkaConfig, TopicsConfig
 from sdagent.delivery import Deliveries
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent
-from sdagent.kafka_clients import producer_config, reader_config
+from sdagent.kafka_clients import producer_config, reader_config, with_metadata_retries
 
 log = structlog.get_logger(__name__)
 
@@ -132,7 +132,7 @@ class _ReplyListener:
         self.partition = random.randrange(count) if partition is None else partition
         tp = TopicPartition(topic, self.partition)
         # Start at the end as of now, before any job is sent, so no answer can be missed.
-        _low, tp.offset = consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S)
+        _low, tp.offset = with_metadata_retries(lambda: consumer.get_watermark_offsets(tp, timeout=METADATA_TIMEOUT_S))
         consumer.assign([tp])
         self._inboxes: dict[str, queue.Queue[StatusEvent]] = {}
         self._lock = threading.Lock()

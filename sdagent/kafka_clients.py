@@ -6,12 +6,19 @@ Every setting that departs from librdkafka's default carries the reason; see doc
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import structlog
+from confluent_kafka import KafkaException
 
 from sdagent.config import KafkaConfig
 
 _LIBRDKAFKA_LOG = logging.getLogger("sdagent.librdkafka")
+_LOG = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 def _base(kafka: KafkaConfig, client_id: str) -> dict[str, Any]:
@@ -78,3 +85,18 @@ def reader_config(kafka: KafkaConfig, purpose: str) -> dict[str, Any]:
 
 def admin_config(kafka: KafkaConfig) -> dict[str, Any]:
     return _base(kafka, "sdagent-admin")
+
+
+def with_metadata_retries(query: Callable[[], T], timeout_s: float = 10.0, pause_s: float = 0.2) -> T:
+    """Run a metadata query, retrying what a fresh topic or a restarting broker answers for a
+    moment (NOT_LEADER_FOR_PARTITION, leader not available...): worth waiting out, not failing."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return query()
+        except KafkaException as exc:
+            if exc.args[0].fatal() or time.monotonic() >= deadline:
+                raise
+            _LOG.info("kafka.metadata_retry", error=str(exc))
+            time.sleep(pause_s)
+

@@ -20,13 +20,13 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import TERMINAL_STATUSES, Status
+from sdagent.kafka_clients import with_metadata_retries
 from sdagent.publisher import STATUS_HEADER
 
 log = structlog.get_logger(__name__)
 
 POLL_S = 0.02  # bounds how late a catch-up check runs; an idle poll costs nothing
 METADATA_TIMEOUT_S = 10.0
-START_RETRY_S = 0.2
 _TERMINAL_HEADER_VALUES = {status.value.encode(): status for status in TERMINAL_STATUSES}
 
 CancelListener = Callable[[str], None]
@@ -98,7 +98,7 @@ class JobLedger:
     def start(self) -> None:
         """Assign every partition from ``window_s`` ago and start reading in the background."""
         try:
-            self._partitions = self._with_retries(self._start_positions)
+            self._partitions = with_metadata_retries(self._start_positions, METADATA_TIMEOUT_S)
         except KafkaException as exc:
             raise KafkaUnavailable(f"cannot read {', '.join(self._topics)}: {exc}") from exc
         self._consumer.assign(self._partitions)
@@ -186,19 +186,6 @@ class JobLedger:
                     return
             self._catch_up_targets = None
             self._caught_up.set()
-
-    def _with_retries(self, query):
-        # Right after topics are created or a broker restarts, partitions have no leader for a
-        # moment (NOT_LEADER_FOR_PARTITION): that is worth waiting out, not failing start-up.
-        deadline = self._clock() + METADATA_TIMEOUT_S
-        while True:
-            try:
-                return query()
-            except KafkaException as exc:
-                if exc.args[0].fatal() or self._clock() >= deadline:
-                    raise
-                log.info("ledger.metadata_retry", error=str(exc))
-                time.sleep(START_RETRY_S)
 
     def _high_watermarks(self) -> dict[tuple[str, int], int]:
         marks = {}

@@ -24,7 +24,7 @@ import tenacity
 
 from sdagent.backends.base import Backend, Generation
 from sdagent.config import RetryConfig
-from sdagent.errors import TRANSIENT_ERRORS, JobAborted, JobFailed, JobRejected, KafkaUnavailable
+from sdagent.errors import TRANSIENT_ERRORS, BackendUnavailable, JobAborted, JobFailed, JobRejected, KafkaUnavailable
 from sdagent.jobs import Job, Limits, Progress, Status, StatusEvent, parse_job
 from sdagent.inputs import InputResolver
 from sdagent.ledger import JobLedger
@@ -32,6 +32,8 @@ from sdagent.outputs import OutputStore
 from sdagent.publisher import ReplyAddress, SourceRecord, StatusPublisher
 
 log = structlog.get_logger(__name__)
+
+READY_POLL_S = 0.5  # how often a job waiting for its WebUI checks whether it was taken back
 
 
 class JobWatch(Protocol):
@@ -41,6 +43,8 @@ class JobWatch(Protocol):
 
     def job_progress(self) -> None: ...
 
+    def wait_ready(self, timeout: float) -> bool: ...
+
 
 class _NoWatch:
     def watch_job(self, job_id: str) -> AbstractContextManager:
@@ -48,6 +52,9 @@ class _NoWatch:
 
     def job_progress(self) -> None:
         pass
+
+    def wait_ready(self, timeout: float) -> bool:
+        return True
 
 
 class Outcome(enum.Enum):
@@ -148,6 +155,7 @@ class JobRunner:
         catch_up_timeout_s: float,
         progress_interval_s: float,
         watch: JobWatch | None = None,
+        backend_ready_wait_s: float = 300.0,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self._backend = backend
@@ -160,6 +168,7 @@ class JobRunner:
         self._catch_up_timeout_s = catch_up_timeout_s
         self._progress_interval_s = progress_interval_s
         self._watch = watch or _NoWatch()
+        self._backend_ready_wait_s = backend_ready_wait_s
         self._clock = clock
 
     def run(self, delivery: Delivery, control: JobControl) -> Outcome:
@@ -220,7 +229,7 @@ class JobRunner:
         return self._answer(job, reply, Status.SUCCEEDED, outputs=outputs, info=generation.info, timings_ms=timings.values)
 
     def _generate(self, job: Job, reply: ReplyAddress | None, control: JobControl, timings: _Timings) -> Generation:
-        control.check()
+        self._wait_backend_ready(control)
         if self._backend.loaded_model() != job.model:
             since = time.perf_counter()
             self._backend.switch_model(job.model)
@@ -234,6 +243,15 @@ class JobRunner:
         timings.measure("inference_ms", since)
         control.check()
         return generation
+
+    def _wait_backend_ready(self, control: JobControl) -> None:
+        """While the WebUI restarts (crash, hang), wait for it rather than spend the job's attempts."""
+        deadline = time.monotonic() + self._backend_ready_wait_s
+        while not self._watch.wait_ready(READY_POLL_S):
+            control.check()
+            if time.monotonic() >= deadline:
+                raise BackendUnavailable(f"the WebUI is not ready after {self._backend_ready_wait_s} s")
+        control.check()
 
     def _with_retries(self, attempt: Callable, control: JobControl):
         retrying = tenacity.Retrying(

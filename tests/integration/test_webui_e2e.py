@@ -1,0 +1,60 @@
+"""The agent with a real WebUI process: the supervisor launches the simulator as a child, the
+adapters drive it over HTTP, and a crash of the WebUI mid-job costs a restart, not the job."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+
+import pytest
+
+from sdagent.devstack.kafka import free_loopback_port
+from sdagent.devstack.stack import spawn_agent
+from sdagent.jobs import Status
+
+from test_failures import terminal_statuses
+from test_pipeline import job, wait_until
+
+
+def webui_backend(kind: str, port: int, step_latency_s: float = 0.02) -> dict:
+    command = [sys.executable, "-m", "sdagent", "sim", "--port", str(port), "--step-latency-s", str(step_latency_s),
+               "--models", "sd15.safetensors", "sdxl_base.safetensors"]
+    return {
+        "kind": kind,
+        "url": f"http://127.0.0.1:{port}",
+        "models": ["sd15.safetensors", "sdxl_base.safetensors"],
+        "process": {"command": command, "ready_timeout_s": 60, "restart_backoff_initial_s": 0.2,
+                    "env": {"PYTHONUNBUFFERED": "1"}},
+    }
+
+
+def arm_fault(port: int, fault: dict) -> None:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/sim/faults", data=json.dumps(fault).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+@pytest.mark.parametrize("kind", ["a1111"])
+def test_jobs_run_through_a_supervised_webui_and_survive_its_crash(pipeline, tmp_path, kind):
+    port = free_loopback_port()
+    # Production-like backoff: the supervisor notices a dead WebUI within its probe interval (2 s)
+    # and the retries then wait for the restart instead of spending their attempts.
+    retry = {"initial_backoff_s": 0.5, "max_backoff_s": 5, "max_attempts": 5}
+    config = pipeline.config | {"backend": webui_backend(kind, port), "retry": retry}
+    agent = spawn_agent(config, tmp_path, f"agent-{kind}")
+    try:
+        first = pipeline.client.run(job(job_id=f"{kind}-first", seed=11), timeout_s=90)
+        assert first.status is Status.SUCCEEDED, first.message
+        assert first.info["seed"] == 11 and first.outputs
+
+        arm_fault(port, {"kind": "crash", "count": 1})
+        survivor = pipeline.client.run(job(job_id=f"{kind}-through-a-crash", steps=10), timeout_s=120)
+        assert survivor.status is Status.SUCCEEDED, survivor.message
+        assert terminal_statuses(pipeline.events(f"{kind}-through-a-crash")) == [Status.SUCCEEDED]
+        log = (tmp_path / f"agent-{kind}.log").read_text()
+        assert "webui.exited" in log and "webui.restarted" in log
+    finally:
+        agent.terminate()
+        agent.wait(60)
+    assert wait_until(lambda: agent.poll() is not None, timeout_s=5)
