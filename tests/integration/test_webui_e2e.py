@@ -35,7 +35,7 @@ def arm_fault(port: int, fault: dict) -> None:
     urllib.request.urlopen(request, timeout=10).close()
 
 
-@pytest.mark.parametrize("kind", ["a1111"])
+@pytest.mark.parametrize("kind", ["a1111", "comfyui"])
 def test_jobs_run_through_a_supervised_webui_and_survive_its_crash(pipeline, tmp_path, kind):
     port = free_loopback_port()
     # Production-like backoff: the supervisor notices a dead WebUI within its probe interval (2 s)
