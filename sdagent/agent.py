@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import psutil
 import structlog
 from confluent_kafka import Consumer, Producer
 
@@ -25,6 +26,7 @@ from sdagent.intake import Intake
 from sdagent.kafka_clients import jobs_consumer_config, producer_config, reader_config
 from sdagent.ledger import JobLedger
 from sdagent.lifecycle_hooks import Heartbeater, HookTarget, LifecycleActions
+from sdagent.metrics.publisher import MetricsPublisher
 from sdagent.outputs import OutputStore
 from sdagent.publisher import StatusPublisher
 from sdagent.runner import JobRunner
@@ -52,6 +54,7 @@ class Agent:
         supervisor: WebUISupervisor | None = None,
         lifecycle: LifecycleActions | None = None,
         notifier: Notifier | None = None,
+        metrics: MetricsPublisher | None = None,
         consumer_factory: Callable[[dict], Consumer] = Consumer,
         producer_factory: Callable[[dict], Producer] = Producer,
     ) -> None:
@@ -62,6 +65,7 @@ class Agent:
         self._protection = _Protection(lifecycle, settings) if lifecycle and settings.lifecycle.protect_while_busy else None
         self._terminating_by_group = False  # the group's terminate hook is waiting for us
         self._notifier = notifier or Notifier(None)
+        self._metrics = metrics
         self._drain_lock = threading.Lock()
         self._drain_reason = "stop requested"
         self.drain_deadline: float | None = None  # time.monotonic() value set by a notice
@@ -87,6 +91,7 @@ class Agent:
             progress_interval_s=settings.agent.progress_interval_s,
             watch=supervisor,
             backend_ready_wait_s=settings.backend.process.ready_timeout_s,
+            recorder=metrics.jobs if metrics is not None else None,
         )
         self.intake = Intake(
             consumer_factory(jobs_consumer_config(settings.kafka, agent_id)),
@@ -94,6 +99,7 @@ class Agent:
             runner,
             backend.interrupt,
             read_ahead=settings.agent.read_ahead,
+            on_assignment=self._follow_assignment,
         )
         self.ledger.on_cancel(self.intake.cancel)
         self.stopping = threading.Event()
@@ -101,6 +107,8 @@ class Agent:
 
     def start(self, ready_timeout_s: float = 120.0) -> None:
         """Wait for the backend, read the fleet's recent answers, then join the consumer group."""
+        if self._metrics is not None:
+            self._metrics.start()  # returns at once; NVML starts on the metrics thread
         if self._supervisor is not None:
             self._start_supervised()
         else:
@@ -111,6 +119,8 @@ class Agent:
         self.ledger.start()
         self.intake.start()
         self._notifier.ready(f"consuming {self._settings.topics.jobs}")
+        if self._metrics is not None:
+            self._metrics.jobs.time_to_ready(time.time() - psutil.boot_time())
         log.info("agent.started", instance_id=self._settings.agent.instance_id, backend=self._backend.name)
         launch_hook = self._hook(self._settings.lifecycle.launch_hook)
         if launch_hook is not None:
@@ -125,6 +135,8 @@ class Agent:
         next_ping = 0.0
         while not self.stopping.is_set():
             self.intake.step()
+            if self._metrics is not None:
+                self._metrics.jobs.set_in_flight(1 if self.intake.busy else 0)
             if watchdog is not None and time.monotonic() >= next_ping:
                 # From the loop itself: a stuck loop stops the pings and systemd restarts us.
                 self._notifier.watchdog_ping()
@@ -172,6 +184,8 @@ class Agent:
         log.info("agent.draining", reason=reason, busy=self.intake.busy, budget_s=round(deadline - time.monotonic(), 1))
         self.intake.hold("draining")
         self._notifier.stopping(f"draining: {reason}")
+        if self._metrics is not None:
+            self._metrics.jobs.set_draining(True)
         terminate_hook = self._hook(self._settings.lifecycle.terminate_hook)
         heartbeats = (
             Heartbeater(self._lifecycle, terminate_hook, self._settings.lifecycle.heartbeat_interval_s)
@@ -209,6 +223,7 @@ class Agent:
             ("webui", self._supervisor.stop if self._supervisor else lambda: None),
             ("producer", lambda: self.publisher.flush(PRODUCER_FLUSH_S)),
             ("terminate hook", self._complete_terminate_hook),
+            ("metrics", self._metrics.stop if self._metrics else lambda: None),  # last: sends the partial interval
             ("backend", self._backend.close),
         ):
             try:
@@ -216,6 +231,11 @@ class Agent:
             except Exception:  # keep stopping the rest: a failing step must not strand the others
                 log.exception("agent.stop_step_failed", step=name)
         log.info("agent.stopped")
+
+    def _follow_assignment(self, assigned: frozenset[tuple[str, int]]) -> None:
+        # Exactly one member publishes the group's backlog: the holder of partition 0.
+        if self._metrics is not None and self._metrics.lag is not None:
+            self._metrics.lag.set_holds_partition_zero((self._settings.topics.jobs, 0) in assigned)
 
     def _hook(self, name: str | None) -> HookTarget | None:
         if self._lifecycle is None or name is None:

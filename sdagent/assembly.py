@@ -6,9 +6,10 @@ import boto3
 from botocore.config import Config as BotoConfig
 
 from sdagent.backends.base import Backend
-from sdagent.config import BackendConfig, LifecycleConfig, OutputsConfig
+from sdagent.config import BackendConfig, LifecycleConfig, OutputsConfig, Settings
 from sdagent.inputs import InputResolver
 from sdagent.lifecycle_hooks import LifecycleActions
+from sdagent.metrics.publisher import MetricsPublisher
 from sdagent.outputs import OutputStore
 from sdagent.supervisor import WebUISupervisor
 
@@ -18,6 +19,9 @@ from sdagent.supervisor import WebUISupervisor
 _S3_CONFIG = BotoConfig(
     signature_version="s3v4", retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5, read_timeout=60
 )
+
+
+_CONTROL_PLANE_CONFIG = BotoConfig(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=10)
 
 
 def build_backend(config: BackendConfig) -> Backend:
@@ -77,8 +81,39 @@ def build_lifecycle(config: LifecycleConfig) -> LifecycleActions | None:
     if config.autoscaling_group is None:
         return None
     autoscaling = boto3.client(
-        "autoscaling", region_name=config.region, endpoint_url=config.endpoint_url,
-        config=BotoConfig(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=10),
+        "autoscaling", region_name=config.region, endpoint_url=config.endpoint_url, config=_CONTROL_PLANE_CONFIG
     )
     return LifecycleActions(autoscaling)
+
+
+def build_agent_metrics(settings: Settings, identity, on_gpu_lost) -> MetricsPublisher:
+    """The metrics loop for this instance (not started); ``identity`` is IMDS's, or None off EC2."""
+    from confluent_kafka.admin import AdminClient
+
+    from sdagent.kafka_clients import admin_config
+    from sdagent.metrics.assembly import build_metrics
+    from sdagent.metrics.dimensions import InstanceIdentity
+
+    region = settings.metrics.region or (identity.region if identity else None) or settings.outputs.region
+    return build_metrics(
+        settings.metrics,
+        InstanceIdentity(settings.agent.instance_id, identity.instance_type if identity else None,
+                         settings.lifecycle.autoscaling_group),
+        region=region,
+        kafka_admin=AdminClient(admin_config(settings.kafka)),
+        jobs_topic=settings.topics.jobs,
+        consumer_group=settings.kafka.group_id,
+        on_gpu_lost=on_gpu_lost,
+    )
+
+
+def mark_unhealthy(settings: Settings) -> None:
+    """Ask the Auto Scaling group to replace this instance (a lost GPU); outside a group, nothing."""
+    if settings.lifecycle.autoscaling_group is None:
+        return
+    from sdagent.metrics.health import AutoScalingHealth
+
+    autoscaling = boto3.client("autoscaling", region_name=settings.lifecycle.region,
+                               endpoint_url=settings.lifecycle.endpoint_url, config=_CONTROL_PLANE_CONFIG)
+    AutoScalingHealth(autoscaling).set_unhealthy(settings.agent.instance_id)
 

@@ -125,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         build_lifecycle,
         build_outputs,
         build_s3_client,
+        build_agent_metrics,
         build_supervisor,
     )
     from sdagent.systemd import from_environment as systemd_notifier
@@ -132,16 +133,19 @@ def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.logging.format, settings.logging.level)
     imds_client = _imds_client(settings)
+    identity = _identity(imds_client) if imds_client is not None else None
     if settings.agent.instance_id is None:
-        host = socket.gethostname()
-        settings.agent.instance_id = host if imds_client is None else _instance_id(imds_client, host)
+        settings.agent.instance_id = identity.instance_id if identity else socket.gethostname()
     s3 = build_s3_client(settings.outputs)
     backend = build_backend(settings.backend)
+    agent_ref: list = []
     agent = Agent(
         settings, backend, build_inputs(s3), build_outputs(settings.outputs, s3),
         supervisor=build_supervisor(settings.backend, backend),
         lifecycle=build_lifecycle(settings.lifecycle), notifier=systemd_notifier(os.environ),
+        metrics=build_agent_metrics(settings, identity, on_gpu_lost=lambda index, reason: _gpu_lost(agent_ref, settings)),
     )
+    agent_ref.append(agent)
     _install_signal_handlers(agent)
     watcher = _watch_notices(imds_client, settings, agent) if imds_client is not None else None
     try:
@@ -162,14 +166,22 @@ def _imds_client(settings: Settings):
     return None if endpoint is None else ImdsClient(endpoint)
 
 
-def _instance_id(imds_client, fallback: str) -> str:
+def _identity(imds_client):
     from sdagent.imds import ImdsError, instance_identity
 
     try:
-        return instance_identity(imds_client).instance_id
-    except ImdsError as exc:  # not on EC2, or IMDS away: keep the configured/host name
-        log.warning("imds.identity_unavailable", error=str(exc), instance_id=fallback)
-        return fallback
+        return instance_identity(imds_client)
+    except ImdsError as exc:  # not on EC2, or IMDS away: the host name stands in
+        log.warning("imds.identity_unavailable", error=str(exc))
+        return None
+
+
+def _gpu_lost(agent_ref: list, settings: Settings) -> None:
+    """A GPU that is lost will not come back: take no more work and have the group replace us."""
+    from sdagent.assembly import mark_unhealthy
+
+    agent_ref[0].hold("gpu_lost")
+    mark_unhealthy(settings)
 
 
 def _watch_notices(imds_client, settings: Settings, agent):

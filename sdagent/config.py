@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from sdagent.errors import ConfigError
 from sdagent.jobs import TOPIC_PATTERN, Limits
+from sdagent.metrics.config import MetricsConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/sdagent/sdagent.toml")
 
@@ -213,6 +214,7 @@ class Settings(BaseModel):
     backend: BackendConfig = Field(default_factory=BackendConfig)
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
     imds: ImdsConfig = Field(default_factory=ImdsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 

@@ -54,6 +54,7 @@ class Intake:
         interrupt_backend: Callable[[], None],
         *,
         read_ahead: int = 64,
+        on_assignment: Callable[[frozenset[PartitionKey]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._consumer = consumer
@@ -61,6 +62,7 @@ class Intake:
         self._runner = runner
         self._interrupt_backend = interrupt_backend
         self._read_ahead = read_ahead
+        self._on_assignment = on_assignment or (lambda _assigned: None)
         self._clock = clock
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdagent-job")
         self._inflight: _InFlight | None = None
@@ -306,6 +308,7 @@ class Intake:
         self._paused -= keys
         self._pause_unknown |= keys
         log.info("intake.assigned", partitions=sorted(p for _, p in keys), total=len(self._assigned))
+        self._on_assignment(frozenset(self._assigned))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._give_back(partitions, lost=False)
@@ -327,6 +330,7 @@ class Intake:
             self._next_offsets.pop(key, None)
             self._done_offsets.pop(key, None)
         log.info("intake.revoked", lost=lost, partitions=sorted(p for _, p in keys), total=len(self._assigned))
+        self._on_assignment(frozenset(self._assigned))
 
     def _settle_inflight_of_revoked(self, inflight: _InFlight, *, lost: bool) -> None:
         inflight.control.abort("revoked")

@@ -28,6 +28,7 @@ from sdagent.errors import TRANSIENT_ERRORS, BackendUnavailable, JobAborted, Job
 from sdagent.jobs import Job, Limits, Progress, Status, StatusEvent, parse_job
 from sdagent.inputs import InputResolver
 from sdagent.ledger import JobLedger
+from sdagent.metrics.jobs import JobMetrics
 from sdagent.outputs import OutputStore
 from sdagent.publisher import ReplyAddress, SourceRecord, StatusPublisher
 
@@ -156,6 +157,7 @@ class JobRunner:
         progress_interval_s: float,
         watch: JobWatch | None = None,
         backend_ready_wait_s: float = 300.0,
+        recorder: JobMetrics | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self._backend = backend
@@ -169,6 +171,7 @@ class JobRunner:
         self._progress_interval_s = progress_interval_s
         self._watch = watch or _NoWatch()
         self._backend_ready_wait_s = backend_ready_wait_s
+        self._recorder = recorder or JobMetrics(enabled=False)
         self._clock = clock
 
     def run(self, delivery: Delivery, control: JobControl) -> Outcome:
@@ -202,6 +205,7 @@ class JobRunner:
         if expires_at is not None and self._clock() >= expires_at:
             return self._answer(job, reply, Status.EXPIRED, reason="expired", message=f"deadline {expires_at.isoformat()} passed")
         self._publisher.publish(self._event(job, Status.ACCEPTED), reply)
+        self._recorder.job_started()
         return self._execute(job, delivery, reply, control)
 
     def _execute(self, job: Job, delivery: Delivery, reply: ReplyAddress | None, control: JobControl) -> Outcome:
@@ -288,6 +292,7 @@ class JobRunner:
         if why == "cancelled":
             return self._answer(job, reply, Status.CANCELLED, reason="cancelled", message="cancelled while running")
         log.info("job.released", why=why, attempt=job.attempt)
+        self._recorder.job_finished(Status.RELEASED.value, why)
         if why == "revoked":
             # The partition is gone: its next owner reads the job again from the committed offset.
             self._publisher.publish(self._event(job, Status.RELEASED, reason=why), reply)
@@ -305,6 +310,7 @@ class JobRunner:
 
     def _reject(self, delivery: Delivery, rejection: JobRejected) -> Outcome:
         log.warning("job.rejected", job_id=rejection.job_id, reason=rejection.reason, error=rejection.message)
+        self._recorder.job_finished(Status.REJECTED.value, rejection.reason)
         self._publisher.dead_letter(delivery.value, delivery.source, rejection.reason, rejection.message, rejection.job_id)
         if rejection.job_id or rejection.reply_to:
             event = StatusEvent(
@@ -325,6 +331,7 @@ class JobRunner:
     def _answer(self, job: Job, reply: ReplyAddress | None, status: Status, **fields) -> Outcome:
         self._publisher.publish_durably(self._event(job, status, **fields), reply)
         self._ledger.record_finished(job.job_id, status)
+        self._recorder.job_finished(status.value, fields.get("reason"), fields.get("timings_ms"))
         if status is not Status.SUCCEEDED:
             log.info("job.answered", status=status.value, reason=fields.get("reason"))
         return Outcome.COMMIT

@@ -52,6 +52,8 @@ def stack_config(
         "backend": {"kind": "simulated", "models": DEMO_MODELS},
         "retry": {"initial_backoff_s": 0.05, "max_backoff_s": 0.2},
         "imds": {"enabled": False},  # no instance metadata on a dev box; the spot tests turn it on
+        # Metrics go to moto's CloudWatch; no NVML on a dev box.
+        "metrics": {"endpoint_url": aws_endpoint, "region": "us-east-1", "gpu": False},
     }
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)

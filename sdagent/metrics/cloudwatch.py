@@ -53,7 +53,8 @@ def cloudwatch_client(
     still fails. Short timeouts: a hung connection must not hold the publisher's buffer for minutes.
     """
     config = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        # total_max_attempts counts the first attempt; botocore's "max_attempts" key counts retries.
+        retries={"mode": "standard", "total_max_attempts": max_attempts},
         connect_timeout=connect_timeout_s,
         read_timeout=read_timeout_s,
     )
@@ -99,14 +100,14 @@ class CloudWatchSink(MetricsSink):
             except ClientError as exc:
                 code = exc.response.get("Error", {}).get("Code", "")
                 if code not in PERMANENT_ERRORS:
-                    raise SinkUnavailable(f"PutMetricData failed: {code}: {exc}", consumed) from exc
+                    raise SinkUnavailable(f"PutMetricData failed: {code}: {exc}", consumed, delivered) from exc
                 log.error("metrics.rejected", code=code, data_points=carried, error=str(exc))
                 rejected += carried
             except ParamValidationError as exc:  # our bug, not the network's: retrying cannot help
                 log.error("metrics.rejected", code="ParamValidationError", data_points=carried, error=str(exc))
                 rejected += carried
             except BotoCoreError as exc:  # connection refused, timeouts, DNS
-                raise SinkUnavailable(f"PutMetricData failed: {exc}", consumed) from exc
+                raise SinkUnavailable(f"PutMetricData failed: {exc}", consumed, delivered) from exc
             else:
                 delivered += carried
             consumed += carried

@@ -44,7 +44,7 @@ class MetricsConfig(BaseModel):
     # CloudWatch sink.
     region: str | None = None  # None: the instance's region, passed in by the agent
     endpoint_url: str | None = None  # tests and VPC endpoints
-    max_attempts: int = Field(3, ge=1, le=10)  # botocore standard-mode attempts per request
+    max_attempts: int = Field(3, ge=1, le=10)  # attempts per request, the first included (botocore standard mode)
     connect_timeout_s: float = Field(3.0, gt=0)
     read_timeout_s: float = Field(10.0, gt=0)
     # EMF sink: udp://host:port or tcp://host:port (the CloudWatch agent listens on 25888), or a

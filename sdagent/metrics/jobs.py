@@ -15,6 +15,7 @@ from sdagent.metrics import names
 from sdagent.metrics.aggregate import Distribution
 from sdagent.metrics.datum import Datum
 from sdagent.metrics.dimensions import InstanceIdentity
+from sdagent.metrics.dimensions import topic as topic_dimensions
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +38,10 @@ SUCCEEDED = "succeeded"
 class _Interval:
     """One interval's counts; replaced wholesale at each collect."""
 
-    __slots__ = ("started", "finished", "failures", "timings", "cache_hits", "cache_misses", "restarts", "max_in_flight", "max_draining")
+    __slots__ = (
+        "started", "finished", "failures", "timings", "cache_hits", "cache_misses", "restarts",
+        "max_in_flight", "max_draining",
+    )
 
     def __init__(self, in_flight: int, draining: bool) -> None:
         self.started = 0
@@ -57,11 +61,13 @@ class JobMetrics:
     """Job counters and timings, aggregated per publish interval.
 
     Called from the job loop (or any thread); each call is a few hundred nanoseconds under a lock
-    no I/O ever holds. ``enabled=False`` makes every call a no-op.
+    no I/O ever holds. ``enabled=False`` makes every call a no-op. With ``jobs_topic``, JobsInFlight
+    also goes to the fleet-wide stream (dimension JobsTopic) the scaling policies read.
     """
 
-    def __init__(self, *, enabled: bool = True) -> None:
+    def __init__(self, *, jobs_topic: str | None = None, enabled: bool = True) -> None:
         self._enabled = enabled
+        self._jobs_topic = jobs_topic
         self._lock = threading.Lock()
         self._in_flight = 0
         self._draining = False
@@ -153,7 +159,7 @@ class JobMetrics:
                 self._time_to_ready_reported = True
         if not self._enabled:
             return []
-        return _datums(interval, time_to_ready, timestamp, identity)
+        return _datums(interval, time_to_ready, timestamp, identity, self._jobs_topic)
 
     @staticmethod
     def _bounded(value: str, known: set[str], cap: int) -> str:
@@ -165,7 +171,9 @@ class JobMetrics:
         return value
 
 
-def _datums(interval: _Interval, time_to_ready: float | None, ts: float, identity: InstanceIdentity) -> list[Datum]:
+def _datums(
+    interval: _Interval, time_to_ready: float | None, ts: float, identity: InstanceIdentity, jobs_topic: str | None
+) -> list[Datum]:
     instance = identity.instance()
     group = identity.group()
     data = [
@@ -176,11 +184,13 @@ def _datums(interval: _Interval, time_to_ready: float | None, ts: float, identit
         Datum(names.BACKEND_RESTARTS, instance, ts, "Count", value=interval.restarts),
         Datum(names.DRAINING, instance, ts, "None", value=1.0 if interval.max_draining else 0.0),
     ]
+    if jobs_topic is not None:
+        # Every agent adds its value to one fleet-wide stream. The scaling math reads its Average
+        # (jobs per agent) times GroupInServiceInstances: metric math cannot add per-instance
+        # streams up without SEARCH, which target tracking does not take, and an Average does not
+        # depend on how many points an agent sends per period (a Sum would, at 10 s publishing).
+        data.append(Datum(names.JOBS_IN_FLIGHT, topic_dimensions(jobs_topic), ts, "Count", value=interval.max_in_flight))
     if group is not None:
-        # One value per instance per period into the group's stream: its Sum statistic is the
-        # fleet's total, which metric math cannot add up across per-instance streams without SEARCH
-        # (and target tracking accepts no SEARCH).
-        data.append(Datum(names.JOBS_IN_FLIGHT, group, ts, "Count", value=interval.max_in_flight))
         data.append(Datum(names.BACKEND_RESTARTS, group, ts, "Count", value=interval.restarts))
     for status, count in sorted(interval.finished.items()):
         data.append(Datum(names.JOBS_FINISHED, (*instance, (names.STATUS, status)), ts, "Count", value=count))

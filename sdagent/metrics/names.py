@@ -25,7 +25,7 @@ REASON = "Reason"
 #   instance: InstanceId, InstanceType, AutoScalingGroupName (when the instance is in a group)
 #   gpu:      the instance set + GpuIndex
 #   group:    AutoScalingGroupName alone, the fleet-wide aggregate alarms and scaling read
-#   topic:    JobsTopic alone
+#   topic:    JobsTopic alone (QueueBacklog; JobsInFlight's fleet-wide stream, read as an Average)
 Scope = Literal["instance", "gpu", "group", "topic"]
 
 
@@ -70,8 +70,8 @@ GPU_LOST = "GpuLost"
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
-        MetricSpec(QUEUE_BACKLOG, "Count", ("topic",), "jobs not yet consumed by the group (Kafka lag), from the holder of partition 0"),
-        MetricSpec(JOBS_IN_FLIGHT, "Count", ("instance", "group"), "jobs running, the interval's maximum; the group stream is summed"),
+        MetricSpec(QUEUE_BACKLOG, "Count", ("topic",), "the group's lag: jobs not yet committed (partition 0's holder)"),
+        MetricSpec(JOBS_IN_FLIGHT, "Count", ("instance", "topic"), "jobs running, the interval's maximum"),
         MetricSpec(JOBS_STARTED, "Count", ("instance",), "jobs started in the interval"),
         MetricSpec(JOBS_FINISHED, "Count", ("instance",), "jobs answered in the interval, by Status"),
         MetricSpec(JOB_FAILURES, "Count", ("group",), "jobs not succeeded in the interval, by Reason"),

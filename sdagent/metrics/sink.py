@@ -13,13 +13,14 @@ from sdagent.metrics.datum import Datum
 class SinkUnavailable(SdagentError):
     """Raised when a sink cannot take data now (network, throttling past retries, 5xx); retry later.
 
-    ``consumed`` leading data points of the batch were delivered (or refused for good) before the
-    failure and must not be sent again.
+    ``consumed`` leading data points of the batch were dealt with before the failure and must not be
+    sent again: ``delivered`` of them accepted, the rest refused for good.
     """
 
-    def __init__(self, message: str, consumed: int = 0) -> None:
+    def __init__(self, message: str, consumed: int = 0, delivered: int | None = None) -> None:
         super().__init__(message)
         self.consumed = consumed
+        self.delivered = consumed if delivered is None else delivered
 
 
 @dataclass(frozen=True)

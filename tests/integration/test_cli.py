@@ -73,3 +73,26 @@ def test_run_without_its_topics_exits_69(kafka_bootstrap, tmp_path):
 def test_schema_prints_the_published_json_schema():
     done = sdagent("schema")
     assert json.loads(done.stdout)["properties"]["kind"]
+
+
+def test_a_running_agent_publishes_its_job_metrics_to_cloudwatch(pipeline, tmp_path, aws_endpoint):
+    from sdagent.devstack.moto import aws_client
+    from sdagent.devstack.stack import spawn_agent
+
+    config = pipeline.config | {"agent": {**pipeline.config["agent"], "instance_id": "i-0metrics"},
+                                "metrics": {**pipeline.config["metrics"], "publish_interval_s": 1}}
+    agent = spawn_agent(config, tmp_path, "metrics-agent")
+    try:
+        assert pipeline.client.run({"model": "sd15.safetensors", "width": 64, "height": 64, "steps": 2},
+                                   timeout_s=60).status.value == "succeeded"
+        cloudwatch = aws_client("cloudwatch", aws_endpoint)
+
+        def published() -> set[str]:
+            metrics = cloudwatch.list_metrics(Namespace="SDAgent",
+                                              Dimensions=[{"Name": "InstanceId", "Value": "i-0metrics"}])["Metrics"]
+            return {metric["MetricName"] for metric in metrics}
+
+        assert wait_until(lambda: {"JobsFinished", "JobTotalTime", "JobsInFlight"} <= published(), timeout_s=30)
+    finally:
+        agent.terminate()
+        agent.wait(60)
