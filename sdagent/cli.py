@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_id")
     cancel.set_defaults(handler=_cancel)
 
+    check = commands.add_parser("check-config", help="validate a configuration file; names the bad key")
+    _add_config(check, default=DEFAULT_CONFIG_PATH)
+    check.set_defaults(handler=_check_config)
+
     schema = commands.add_parser("schema", help="print the job JSON Schema")
     schema.set_defaults(handler=_schema)
 
@@ -253,6 +257,13 @@ def _cancel(args: argparse.Namespace) -> int:
     with Client(settings.kafka, settings.topics) as client:
         client.cancel(args.job_id)
     print(f"cancel requested for {args.job_id}")
+    return ExitCode.OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)  # a bad key raises ConfigError: exit 78 with its name
+    print(f"{args.config}: OK (backend {settings.backend.kind}, jobs topic {settings.topics.jobs}, "
+          f"group {settings.kafka.group_id})")
     return ExitCode.OK
 
 

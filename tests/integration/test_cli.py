@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from sdagent.devstack.stack import local_aws_environment, write_config
 from sdagent.errors import ExitCode
@@ -96,3 +97,13 @@ def test_a_running_agent_publishes_its_job_metrics_to_cloudwatch(pipeline, tmp_p
     finally:
         agent.terminate()
         agent.wait(60)
+
+
+def test_check_config_accepts_the_example_and_names_a_bad_key(tmp_path):
+    example = Path(__file__).parents[2] / "examples" / "sdagent.toml"
+    good = sdagent("check-config", "--config", str(example))
+    assert good.returncode == ExitCode.OK and "OK" in good.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[agent]\nread_ahead = -1\n")
+    refused = sdagent("check-config", "--config", str(bad))
+    assert refused.returncode == ExitCode.CONFIG and "agent.read_ahead" in refused.stderr
