@@ -93,7 +93,12 @@ class Intake:
         if inflight is not None:
             concurrent.futures.wait([inflight.future], timeout=IDLE_POLL_S)
         busy = inflight is not None or bool(self._held)
-        messages = self._consumer.consume(max(1, self._read_ahead), 0 if busy else IDLE_POLL_S)
+        # poll() returns as soon as one record is there; consume(n, timeout) would wait for n of
+        # them or the whole timeout. The rest of what is already fetched comes without waiting.
+        first = self._consumer.poll(0 if busy else IDLE_POLL_S)
+        messages = [] if first is None else [first]
+        if first is not None and self._read_ahead > 0:
+            messages += self._consumer.consume(self._read_ahead, 0)
         self._finish_if_done()
         for message in messages:
             self._take(message)
