@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     add_sim_flags(sim)
     sim.set_defaults(handler=_sim)
 
+    from sdagent.cache.cli import build_parser as add_cache_commands
+
+    add_cache_commands(commands)
+
     devstack = commands.add_parser("devstack", help="local Kafka + moto + simulated backend + agent, run demo jobs")
     devstack.add_argument("--jobs", type=int, default=5, help="how many demo jobs (default 5)")
     devstack.set_defaults(handler=_devstack)

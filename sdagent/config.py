@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from sdagent.errors import ConfigError
 from sdagent.jobs import TOPIC_PATTERN, Limits
+from sdagent.cache.config import CacheConfig
 from sdagent.metrics.config import MetricsConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/sdagent/sdagent.toml")
@@ -215,6 +216,7 @@ class Settings(BaseModel):
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig)
     imds: ImdsConfig = Field(default_factory=ImdsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 
