@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import structlog
 
-from sdagent.devstack.kafka import die_with_parent, free_loopback_port
+from sdagent.devstack.kafka import die_with_parent, exclusive_lock, free_loopback_port
 from sdagent.imds import TOKEN_PATH, TOKEN_TTL_HEADER
 
 log = structlog.get_logger(__name__)
@@ -63,7 +62,7 @@ def ensure_binary() -> Path:
     binary = root / AEMM_BINARY
     marker = root / "complete"
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / ".lock"):
+    with exclusive_lock(root / ".lock"):
         # Checked under the lock: another process may have finished the build while we waited.
         if marker.exists() and binary.exists():
             return binary
@@ -71,16 +70,6 @@ def ensure_binary() -> Path:
         _go_install(root)
         marker.write_text(f"{AEMM_PACKAGE}@{AEMM_VERSION}\n")
     return binary
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path):
-    with open(path, "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _go_install(gobin: Path) -> None:

@@ -93,7 +93,7 @@ def ensure_jars() -> Path:
     lib = root / "lib"
     marker = root / "complete"
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root / ".lock"):
+    with exclusive_lock(root / ".lock"):
         # Checked under the lock: another process may have finished while we waited.
         if marker.exists():
             return lib
@@ -105,7 +105,8 @@ def ensure_jars() -> Path:
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path):
+def exclusive_lock(path: Path):
+    """Hold an flock on ``path`` (a local file) for the block: one download per cache across processes."""
     with open(path, "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
