@@ -107,6 +107,14 @@ class OutputSpec(BaseModel):
     filename: str | None = Field(None, max_length=256)  # template, see sdagent.outputs
 
 
+class Webhook(BaseModel):
+    """Where the gateway POSTs the job's final answer (docs/gateway.md); agents only echo it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(..., max_length=2048, pattern=r"^https?://[^\s/?#]+[^\s]*$")
+
+
 class Job(BaseModel):
     """One generation job, as read from the jobs topic."""
 
@@ -138,6 +146,7 @@ class Job(BaseModel):
     reply_partition: int | None = Field(None, ge=0)
     correlation_id: str | None = Field(None, max_length=256)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    webhook: Webhook | None = None
     attempt: int = Field(0, ge=0, le=1000)  # how often the fleet took this job back and re-queued it
 
     @field_validator("model")
@@ -336,6 +345,7 @@ class StatusEvent(BaseModel):
     reason: str | None = None
     message: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    webhook: Webhook | None = None  # the job's, on terminal events only
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

@@ -343,6 +343,7 @@ class JobRunner:
             attempt=job.attempt,
             correlation_id=job.correlation_id,
             metadata=job.metadata if status.is_terminal else {},
+            webhook=job.webhook if status.is_terminal else None,
             **fields,
         )
 
