@@ -16,10 +16,8 @@ AEMM caveats that shape the helpers below (v1.13.0):
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 import structlog
 
 from sdagent.devstack.kafka import die_with_parent, exclusive_lock, free_loopback_port
+from sdagent.devstack.process import stop_group, wait_until_answering
 from sdagent.imds import TOKEN_PATH, TOKEN_TTL_HEADER
 
 log = structlog.get_logger(__name__)
@@ -175,13 +174,7 @@ class AemmServer:
         """Terminate AEMM (SIGKILL if it lingers) and delete its log."""
         if self._process is None:
             return
-        if self._process.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self._process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self._process.wait()
+        stop_group(self._process, STOP_TIMEOUT_S)
         self._process = None
         _running_servers.discard(self)
         if self._workdir is not None:
@@ -223,14 +216,17 @@ class AemmServer:
         return self._workdir / "aemm.log"
 
     def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._fail(f"AEMM exited with code {self._process.returncode} while starting")
-            if _hands_out_tokens(self.endpoint):
-                return
-            time.sleep(0.05)
-        self._fail(f"AEMM did not answer on {self.endpoint} within {READY_TIMEOUT_S:.0f}s")
+        endpoint = self.endpoint
+        failure = wait_until_answering(
+            self._process,
+            lambda: _hands_out_tokens(endpoint),
+            name="AEMM",
+            address=endpoint,
+            timeout_s=READY_TIMEOUT_S,
+            interval_s=0.05,
+        )
+        if failure is not None:
+            self._fail(failure)
 
     def _fail(self, reason: str) -> None:
         try:
@@ -240,9 +236,6 @@ class AemmServer:
         self.stop()
         raise AemmStartError(f"{reason}; its output:\n{output}")
 
-    def _signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._process.pid, signum)
 
 
 # No proxy: a developer's HTTP_PROXY must not see loopback requests.

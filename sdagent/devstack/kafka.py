@@ -27,6 +27,8 @@ from pathlib import Path
 
 import structlog
 
+from sdagent.devstack.process import signal_group, stop_group, wait_until_answering
+
 log = structlog.get_logger(__name__)
 
 KAFKA_VERSION = "4.1.1"
@@ -295,12 +297,9 @@ class KafkaBroker:
             return
         if self._process.poll() is None:
             started = time.monotonic()
-            self._signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
+            if not stop_group(self._process, timeout):
                 log.warning("kafka.stop.timeout", timeout=timeout)
-                self.kill()
+                self._forget_process(clean_exit=False)
                 return
             log.info("kafka.stopped", seconds=round(time.monotonic() - started, 1))
         self._forget_process(clean_exit=True)
@@ -310,7 +309,7 @@ class KafkaBroker:
         if self._process is None:
             return
         if self._process.poll() is None:
-            self._signal(signal.SIGKILL)
+            signal_group(self._process, signal.SIGKILL)
             self._process.wait()
             log.info("kafka.killed")
         self._forget_process(clean_exit=False)
@@ -416,16 +415,19 @@ class KafkaBroker:
                 "log_level": 0,  # connection-refused noise is expected while the JVM boots
             }
         )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._fail(f"Kafka exited with code {self._process.returncode} while starting")
+
+        def answers() -> bool:
             try:
                 admin.list_topics(timeout=1)
-                return
+                return True
             except KafkaException:
-                time.sleep(0.1)
-        self._fail(f"Kafka did not answer on {self.bootstrap} within {READY_TIMEOUT_S:.0f}s")
+                return False
+
+        failure = wait_until_answering(
+            self._process, answers, name="Kafka", address=self.bootstrap, timeout_s=READY_TIMEOUT_S
+        )
+        if failure is not None:
+            self._fail(failure)
 
     def _fail(self, reason: str) -> None:
         tail = self._log_tail()
@@ -438,10 +440,6 @@ class KafkaBroker:
         except OSError:
             return "(no broker log)"
         return "\n".join(lines[-LOG_TAIL_LINES:])
-
-    def _signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._process.pid, signum)
 
     def _forget_process(self, clean_exit: bool) -> None:
         self._class_archive.finish_recording(clean_exit)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,6 +15,7 @@ from pathlib import Path
 import structlog
 
 from sdagent.devstack.kafka import die_with_parent, free_loopback_port
+from sdagent.devstack.process import stop_group, wait_until_answering
 
 log = structlog.get_logger(__name__)
 
@@ -63,12 +62,7 @@ class MotoServer:
         if self._process is None:
             return
         if self._process.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                self._process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                self._process.wait()
+            stop_group(self._process, STOP_TIMEOUT_S)
             log.info("moto.stopped")
         self._process = None
         _running_servers.discard(self)
@@ -97,23 +91,18 @@ class MotoServer:
         _running_servers.add(self)
 
     def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._fail(f"moto exited with code {self._process.returncode} while starting")
-            if _answers_http(self.endpoint):
-                return
-            time.sleep(0.1)
-        self._fail(f"moto did not answer on {self.endpoint} within {READY_TIMEOUT_S:.0f}s")
+        endpoint = self.endpoint
+        failure = wait_until_answering(
+            self._process, lambda: _answers_http(endpoint), name="moto", address=endpoint, timeout_s=READY_TIMEOUT_S
+        )
+        if failure is not None:
+            self._fail(failure)
 
     def _fail(self, reason: str) -> None:
         output = self._log_path.read_text(errors="replace")[-4000:]
         self.stop()
         raise MotoStartError(f"{reason}; its output:\n{output}")
 
-    def _signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._process.pid, signum)
 
 
 # Servers still running when Python exits (e.g. an aborted test run) would otherwise outlive it.
