@@ -13,12 +13,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import psutil
 import structlog
 from confluent_kafka import Consumer, Producer
 
 from sdagent.backends.base import Backend
+from sdagent.cache.cache import ModelCache, PrewarmReport
+from sdagent.cache.serving import CachedModels
+from sdagent.cache.watch import ManifestWatcher
 from sdagent.config import Settings
 from sdagent.errors import BackendUnavailable
 from sdagent.inputs import InputResolver
@@ -55,6 +59,7 @@ class Agent:
         lifecycle: LifecycleActions | None = None,
         notifier: Notifier | None = None,
         metrics: MetricsPublisher | None = None,
+        model_cache: ModelCache | None = None,
         consumer_factory: Callable[[dict], Consumer] = Consumer,
         producer_factory: Callable[[dict], Producer] = Producer,
     ) -> None:
@@ -66,6 +71,9 @@ class Agent:
         self._terminating_by_group = False  # the group's terminate hook is waiting for us
         self._notifier = notifier or Notifier(None)
         self._metrics = metrics
+        self._cache = model_cache
+        self._models = CachedModels(model_cache, metrics.jobs if metrics else None) if model_cache else None
+        self._cache_watcher: ManifestWatcher | None = None
         self._drain_lock = threading.Lock()
         self._drain_reason = "stop requested"
         self.drain_deadline: float | None = None  # time.monotonic() value set by a notice
@@ -92,6 +100,7 @@ class Agent:
             watch=supervisor,
             backend_ready_wait_s=settings.backend.process.ready_timeout_s,
             recorder=metrics.jobs if metrics is not None else None,
+            models=self._models,
         )
         self.intake = Intake(
             consumer_factory(jobs_consumer_config(settings.kafka, agent_id)),
@@ -106,18 +115,22 @@ class Agent:
         self._forced = threading.Event()
 
     def start(self, ready_timeout_s: float = 120.0) -> None:
-        """Wait for the backend, read the fleet's recent answers, then join the consumer group."""
+        """Wait for the backend and the prewarmed models, read the fleet's recent answers, then
+        join the consumer group."""
         if self._metrics is not None:
             self._metrics.start()  # returns at once; NVML starts on the metrics thread
+        prewarm = self._start_prewarm()  # overlaps the WebUI's start-up
         if self._supervisor is not None:
             self._start_supervised()
         else:
             self._wait_backend_ready(ready_timeout_s)
+        self._finish_prewarm(prewarm)
         if self.stopping.is_set():
             log.warning("agent.not_consuming", reason=self._drain_reason)  # a notice came first
             return
         self.ledger.start()
         self.intake.start()
+        self._start_cache_watcher()
         self._notifier.ready(f"consuming {self._settings.topics.jobs}")
         if self._metrics is not None:
             self._metrics.jobs.time_to_ready(time.time() - psutil.boot_time())
@@ -218,6 +231,7 @@ class Agent:
     def stop(self) -> None:
         """Leave the group, close the readers and send what is queued; reverse of :meth:`start`."""
         for name, step in (
+            ("cache watcher", self._cache_watcher.stop if self._cache_watcher else lambda: None),
             ("intake", self.intake.close),
             ("ledger", self.ledger.stop),
             ("webui", self._supervisor.stop if self._supervisor else lambda: None),
@@ -225,6 +239,7 @@ class Agent:
             ("terminate hook", self._complete_terminate_hook),
             ("metrics", self._metrics.stop if self._metrics else lambda: None),  # last: sends the partial interval
             ("backend", self._backend.close),
+            ("model cache", self._cache.close if self._cache else lambda: None),
         ):
             try:
                 step()
@@ -246,6 +261,42 @@ class Agent:
         terminate_hook = self._hook(self._settings.lifecycle.terminate_hook)
         if terminate_hook is not None and self._terminating_by_group:
             self._lifecycle.complete(terminate_hook)
+
+    def _start_prewarm(self) -> Future[PrewarmReport] | None:
+        if self._cache is None:
+            return None
+        config = self._settings.cache
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-prewarm")
+        future = pool.submit(
+            self._cache.prewarm, config.prewarm, most_used=config.prewarm_most_used,
+            concurrency=config.prewarm_concurrency,
+        )  # fmt: skip
+        pool.shutdown(wait=False)  # the thread ends with the prewarm
+        return future
+
+    def _finish_prewarm(self, prewarm: Future[PrewarmReport] | None) -> None:
+        """Wait for the models staged at boot: the agent takes work only once they are local.
+        A model that failed is reported, not fatal; its jobs try again (and fail with a reason)."""
+        if prewarm is None:
+            return
+        try:
+            report = prewarm.result()
+        except Exception:  # a bug in prewarm must not keep a healthy instance from serving
+            log.exception("cache.prewarm_crashed")
+            return
+        if any(result.staged for result in report.results):
+            self._models.request_rescan()
+        if report.failed:
+            log.warning("agent.prewarm_incomplete", failed=[result.name for result in report.failed])
+
+    def _start_cache_watcher(self) -> None:
+        if self._cache is None or self._models is None:
+            return
+        config = self._settings.cache
+        self._cache_watcher = ManifestWatcher(
+            self._cache, self._models.models_changed, interval_s=config.poll_interval_s, use_events=config.watch
+        )
+        self._cache_watcher.start()
 
     def _start_supervised(self) -> None:
         supervisor = self._supervisor

@@ -5,7 +5,11 @@ from __future__ import annotations
 import boto3
 from botocore.config import Config as BotoConfig
 
+from pathlib import Path
+
 from sdagent.backends.base import Backend
+from sdagent.cache.config import CacheConfig
+from sdagent.cache.manifest import KIND_DIRS
 from sdagent.config import BackendConfig, LifecycleConfig, OutputsConfig, Settings
 from sdagent.inputs import InputResolver
 from sdagent.lifecycle_hooks import LifecycleActions
@@ -24,13 +28,21 @@ _S3_CONFIG = BotoConfig(
 _CONTROL_PLANE_CONFIG = BotoConfig(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=10)
 
 
-def build_backend(config: BackendConfig) -> Backend:
+def checkpoints_dir(cache: CacheConfig) -> Path | None:
+    """Where the model cache puts checkpoints (the WebUI's checkpoint folder); None without a cache."""
+    return cache.dir / KIND_DIRS["checkpoint"] if cache.source is not None else None
+
+
+def build_backend(config: BackendConfig, *, models_dir: Path | None = None) -> Backend:
+    """The backend of ``config``; ``models_dir`` is the model cache's checkpoint folder, which the
+    in-process simulator lists as a WebUI would (the real ones are pointed at it by their flags)."""
     if config.kind == "simulated":
         from sdagent.backends.simulated import SimulatedBackend
 
         return SimulatedBackend(
-            config.models, step_latency_s=config.step_latency_s, switch_latency_s=config.switch_latency_s
-        )
+            config.models, step_latency_s=config.step_latency_s, switch_latency_s=config.switch_latency_s,
+            models_dir=models_dir,
+        )  # fmt: skip
     if config.kind == "a1111":
         from sdagent.backends.a1111 import A1111Backend
 

@@ -135,7 +135,9 @@ def _run(args: argparse.Namespace) -> int:
         build_s3_client,
         build_agent_metrics,
         build_supervisor,
+        checkpoints_dir,
     )
+    from sdagent.cache.assembly import build_model_cache
     from sdagent.systemd import from_environment as systemd_notifier
 
     settings = _settings(args)
@@ -145,13 +147,15 @@ def _run(args: argparse.Namespace) -> int:
     if settings.agent.instance_id is None:
         settings.agent.instance_id = identity.instance_id if identity else socket.gethostname()
     s3 = build_s3_client(settings.outputs)
-    backend = build_backend(settings.backend)
+    model_cache = _open_model_cache(settings, build_model_cache)
+    backend = build_backend(settings.backend, models_dir=checkpoints_dir(settings.cache))
     agent_ref: list = []
     agent = Agent(
         settings, backend, build_inputs(s3), build_outputs(settings.outputs, s3),
         supervisor=build_supervisor(settings.backend, backend),
         lifecycle=build_lifecycle(settings.lifecycle), notifier=systemd_notifier(os.environ),
         metrics=build_agent_metrics(settings, identity, on_gpu_lost=lambda index, reason: _gpu_lost(agent_ref, settings)),
+        model_cache=model_cache,
     )
     agent_ref.append(agent)
     _install_signal_handlers(agent)
@@ -165,6 +169,14 @@ def _run(args: argparse.Namespace) -> int:
             watcher.stop()
         agent.stop()
     return ExitCode.OK
+
+
+def _open_model_cache(settings: Settings, build_model_cache):
+    """The model cache of ``[cache]``, or None; a directory it cannot create or use is a config error."""
+    try:
+        return build_model_cache(settings.cache)
+    except OSError as exc:
+        raise ConfigError("cache.dir", f"cannot use {settings.cache.dir}: {exc}") from exc
 
 
 def _imds_client(settings: Settings):

@@ -23,6 +23,7 @@ import structlog
 import tenacity
 
 from sdagent.backends.base import Backend, Generation
+from sdagent.cache.serving import CachedModels, UncachedModels
 from sdagent.config import RetryConfig
 from sdagent.errors import TRANSIENT_ERRORS, BackendUnavailable, JobAborted, JobFailed, JobRejected, KafkaUnavailable
 from sdagent.jobs import Job, Limits, Progress, Status, StatusEvent, parse_job
@@ -158,6 +159,7 @@ class JobRunner:
         watch: JobWatch | None = None,
         backend_ready_wait_s: float = 300.0,
         recorder: JobMetrics | None = None,
+        models: CachedModels | UncachedModels | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
     ) -> None:
         self._backend = backend
@@ -172,6 +174,7 @@ class JobRunner:
         self._watch = watch or _NoWatch()
         self._backend_ready_wait_s = backend_ready_wait_s
         self._recorder = recorder or JobMetrics(enabled=False)
+        self._models = models or UncachedModels()
         self._clock = clock
 
     def run(self, delivery: Delivery, control: JobControl) -> Outcome:
@@ -234,19 +237,32 @@ class JobRunner:
 
     def _generate(self, job: Job, reply: ReplyAddress | None, control: JobControl, timings: _Timings) -> Generation:
         self._wait_backend_ready(control)
-        if self._backend.loaded_model() != job.model:
+        # Pinned until the generation ends: the cache never evicts a model a job runs on.
+        with self._models.use(job.model) as model:
+            if model.stage_ms is not None:
+                timings.values["stage_ms"] = model.stage_ms
+            control.check()
+            if self._models.take_rescan():
+                self._backend.refresh_models()
+            self._switch_if_needed(model.name, timings)
+            self._publisher.publish(self._event(job, Status.STARTED), reply)
             since = time.perf_counter()
-            self._backend.switch_model(job.model)
-            timings.measure("switch_ms", since)
-            log.info("model.switched", model=job.model, switch_ms=timings.values["switch_ms"])
-        self._publisher.publish(self._event(job, Status.STARTED), reply)
-        since = time.perf_counter()
-        control.progressed(0, job.steps)
-        with self._watch.watch_job(job.job_id):
-            generation = self._backend.generate(job, self._progress_reporter(job, reply, control), control.event)
-        timings.measure("inference_ms", since)
+            control.progressed(0, job.steps)
+            # The cache may know the model by its full file name ("sd_xl_base_1.0.safetensors").
+            served = job if model.name == job.model else job.model_copy(update={"model": model.name})
+            with self._watch.watch_job(job.job_id):
+                generation = self._backend.generate(served, self._progress_reporter(job, reply, control), control.event)
+            timings.measure("inference_ms", since)
         control.check()
         return generation
+
+    def _switch_if_needed(self, model: str, timings: _Timings) -> None:
+        if self._backend.loaded_model() == model:
+            return  # the model stays loaded for the next job that asks for it
+        since = time.perf_counter()
+        self._backend.switch_model(model)
+        timings.measure("switch_ms", since)
+        log.info("model.switched", model=model, switch_ms=timings.values["switch_ms"])
 
     def _wait_backend_ready(self, control: JobControl) -> None:
         """While the WebUI restarts (crash, hang), wait for it rather than spend the job's attempts."""

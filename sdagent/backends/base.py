@@ -83,5 +83,12 @@ class Backend(abc.ABC):
     def interrupt(self) -> None:
         """Stop the running generation as soon as the framework allows; a no-op when idle."""
 
+    def refresh_models(self) -> tuple[str, ...]:
+        """Rescan the model folders (the model cache staged a file) and return the model names.
+
+        The default re-reads the health probe's list, for frameworks that rescan by themselves.
+        """
+        return self.health().models
+
     def close(self) -> None:
         """Release connections and threads; the default has nothing to release."""

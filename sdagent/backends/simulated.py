@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import Path
 
 import structlog
 from PIL import Image, ImageChops, ImageDraw
@@ -170,8 +171,11 @@ class SimulatedBackend(Backend):
         wait: Wait = threading.Event.wait,
         rng: random.Random | None = None,
         faults: FaultPlan | None = None,
+        models_dir: Path | None = None,
     ) -> None:
-        self._models = tuple(dict.fromkeys(models))  # keeps order, drops duplicates
+        self._declared = tuple(dict.fromkeys(models))  # keeps order, drops duplicates
+        self._models_dir = models_dir
+        self._models = self._declared
         if initial_model is not None and initial_model not in self._models:
             raise ValueError(f"initial_model {initial_model!r} is not one of {list(self._models)}")
         if step_latency_s < 0 or switch_latency_s < 0:
@@ -194,6 +198,15 @@ class SimulatedBackend(Backend):
 
     def loaded_model(self) -> str | None:
         return self._loaded
+
+    def refresh_models(self) -> tuple[str, ...]:
+        """The declared models plus the files under ``models_dir``, as a WebUI's rescan finds them."""
+        staged = ()
+        if self._models_dir is not None and self._models_dir.is_dir():
+            staged = tuple(sorted(p.relative_to(self._models_dir).as_posix()
+                                  for p in self._models_dir.rglob("*") if p.is_file()))  # fmt: skip
+        self._models = tuple(dict.fromkeys((*self._declared, *staged)))
+        return self._models
 
     def switch_model(self, model: str) -> None:
         if model not in self._models:

@@ -21,7 +21,7 @@ class CacheConfig(BaseModel):
     source: str | None = None
     # On local NVMe (instance store): partial files and lock files must be on a local disk, never on
     # the network file system (flock can silently succeed on some of them).
-    dir: Path = Path("/opt/sdagent/models")
+    dir: Path = Path("/var/cache/sdagent/models")  # where sdagent-nvme.service mounts the instance store
     budget_bytes: int = Field(200 * GiB, gt=0)
     # Kept free on the disk whatever the budget says: the WebUI, logs and outputs share it.
     min_free_bytes: int = Field(2 * GiB, ge=0)

@@ -83,13 +83,17 @@ class AgentThread:
 
     def __init__(self, settings: Settings, backend=None) -> None:
         from sdagent.agent import Agent
-        from sdagent.assembly import build_backend, build_inputs, build_lifecycle, build_outputs, build_s3_client
+        from sdagent.assembly import (
+            build_backend, build_inputs, build_lifecycle, build_outputs, build_s3_client, checkpoints_dir,
+        )  # fmt: skip
+        from sdagent.cache.assembly import build_model_cache
 
-        self.backend = backend or build_backend(settings.backend)
+        self.model_cache = build_model_cache(settings.cache)
+        self.backend = backend or build_backend(settings.backend, models_dir=checkpoints_dir(settings.cache))
         s3 = build_s3_client(settings.outputs)
         self.agent = Agent(
             settings, self.backend, build_inputs(s3), build_outputs(settings.outputs, s3),
-            lifecycle=build_lifecycle(settings.lifecycle),
+            lifecycle=build_lifecycle(settings.lifecycle), model_cache=self.model_cache,
         )
         self._thread = threading.Thread(target=self._main, name="sdagent-agent", daemon=True)
         self.error: BaseException | None = None

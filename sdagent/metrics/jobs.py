@@ -23,6 +23,7 @@ log = structlog.get_logger(__name__)
 TIMINGS: dict[str, str] = {
     "queue_wait_ms": names.QUEUE_WAIT_TIME,
     "switch_ms": names.MODEL_SWITCH_TIME,
+    "stage_ms": names.MODEL_STAGE_TIME,
     "inference_ms": names.INFERENCE_TIME,
     "upload_ms": names.UPLOAD_TIME,
     "total_ms": names.JOB_TOTAL_TIME,

@@ -44,6 +44,7 @@ JOBS_FINISHED = "JobsFinished"
 JOB_FAILURES = "JobFailures"
 QUEUE_WAIT_TIME = "QueueWaitTime"
 MODEL_SWITCH_TIME = "ModelSwitchTime"
+MODEL_STAGE_TIME = "ModelStageTime"
 INFERENCE_TIME = "InferenceTime"
 UPLOAD_TIME = "UploadTime"
 JOB_TOTAL_TIME = "JobTotalTime"
@@ -77,6 +78,7 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec(JOB_FAILURES, "Count", ("group",), "jobs not succeeded in the interval, by Reason"),
         MetricSpec(QUEUE_WAIT_TIME, "Milliseconds", ("instance",), "time from produce to start (distribution)"),
         MetricSpec(MODEL_SWITCH_TIME, "Milliseconds", ("instance",), "model load when the job needed another model"),
+        MetricSpec(MODEL_STAGE_TIME, "Milliseconds", ("instance",), "model copy from the store to local NVMe (cache misses)"),
         MetricSpec(INFERENCE_TIME, "Milliseconds", ("instance",), "generation time (distribution)"),
         MetricSpec(UPLOAD_TIME, "Milliseconds", ("instance",), "output upload time (distribution)"),
         MetricSpec(JOB_TOTAL_TIME, "Milliseconds", ("instance",), "accept to answer (distribution)"),
