@@ -19,6 +19,7 @@ import psutil
 import structlog
 from confluent_kafka import Consumer, Producer
 
+from sdagent.affinity import HotModels
 from sdagent.backends.base import Backend
 from sdagent.cache.cache import ModelCache, PrewarmReport
 from sdagent.cache.serving import CachedModels
@@ -102,6 +103,8 @@ class Agent:
             recorder=metrics.jobs if metrics is not None else None,
             models=self._models,
         )
+        self._runner = runner
+        self._hot_models = HotModels(self._producer, settings.topics.agents, agent_id, self._cached_model_names)
         self.intake = Intake(
             consumer_factory(jobs_consumer_config(settings.kafka, agent_id)),
             settings.topics.jobs,
@@ -109,6 +112,7 @@ class Agent:
             backend.interrupt,
             read_ahead=settings.agent.read_ahead,
             on_assignment=self._follow_assignment,
+            loaded_model=lambda: runner.current_model,
         )
         self.ledger.on_cancel(self.intake.cancel)
         self.stopping = threading.Event()
@@ -156,6 +160,7 @@ class Agent:
                 next_ping = time.monotonic() + watchdog / 2
             if self._protection is not None:
                 self._protection.follow(self.intake.busy)
+            self._hot_models.follow(self._runner.current_model)
             if self._supervisor is not None and not self.intake.busy and time.monotonic() >= next_memory_check:
                 # Between jobs only: a restart for memory never cuts a job short.
                 self._supervisor.restart_if_over_memory()
@@ -235,6 +240,7 @@ class Agent:
             ("intake", self.intake.close),
             ("ledger", self.ledger.stop),
             ("webui", self._supervisor.stop if self._supervisor else lambda: None),
+            ("hot models", self._hot_models.leave),
             ("producer", lambda: self.publisher.flush(PRODUCER_FLUSH_S)),
             ("terminate hook", self._complete_terminate_hook),
             ("metrics", self._metrics.stop if self._metrics else lambda: None),  # last: sends the partial interval
@@ -246,6 +252,9 @@ class Agent:
             except Exception:  # keep stopping the rest: a failing step must not strand the others
                 log.exception("agent.stop_step_failed", step=name)
         log.info("agent.stopped")
+
+    def _cached_model_names(self) -> list[str]:
+        return [entry.name for entry in self._cache.ls()] if self._cache is not None else []
 
     def _follow_assignment(self, assigned: frozenset[tuple[str, int]]) -> None:
         # Exactly one member publishes the group's backlog: the holder of partition 0.

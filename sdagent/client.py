@@ -27,6 +27,7 @@ from typing import Any
 import structlog
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from sdagent.affinity import job_headers, job_key
 from sdagent.config import KafkaConfig, TopicsConfig
 from sdagent.delivery import Deliveries
 from sdagent.errors import KafkaUnavailable
@@ -66,7 +67,8 @@ class Client:
     def submit(self, job: Job | Mapping[str, Any]) -> Job:
         """Queue ``job`` and return it (with its job id) once the broker has it durably."""
         job = _as_job(job)
-        self._produce_durably(self._topics.jobs, job.job_id, job.model_dump_json(exclude_none=True).encode())
+        self._produce_durably(self._topics.jobs, job_key(job, self._topics), job.model_dump_json(exclude_none=True).encode(),
+                              job_headers(job))  # fmt: skip
         log.info("client.submitted", job_id=job.job_id)
         return job
 
@@ -95,7 +97,7 @@ class Client:
         """Ask every agent to cancel ``job_id``: queued, it is answered ``cancelled`` without
         running; running, it is interrupted; finished, it is left as it is."""
         request = {"schema_version": 1, "type": "cancel", "job_id": job_id, "at": datetime.now(timezone.utc).isoformat()}
-        self._produce_durably(self._topics.control, job_id, json.dumps(request).encode())
+        self._produce_durably(self._topics.control, job_id.encode(), json.dumps(request).encode())
         log.info("client.cancel_sent", job_id=job_id)
 
     def close(self) -> None:
@@ -103,10 +105,10 @@ class Client:
             self._replies.stop()
         self._producer.flush(DELIVERY_TIMEOUT_S)
 
-    def _produce_durably(self, topic: str, key: str, value: bytes) -> None:
+    def _produce_durably(self, topic: str, key: bytes, value: bytes, headers: list | None = None) -> None:
         deliveries = Deliveries()
         deliveries.expect()
-        self._producer.produce(topic, key=key.encode(), value=value, on_delivery=deliveries)
+        self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=deliveries)
         problem = deliveries.wait(self._producer, DELIVERY_TIMEOUT_S)
         if problem is not None:
             raise KafkaUnavailable(f"could not queue to {topic}: {problem}")

@@ -50,6 +50,13 @@ class TopicsConfig(_Section):
     dead_letters: str = Field("sdagent.dead-letters", pattern=TOPIC_PATTERN)
     control: str = Field("sdagent.control", pattern=TOPIC_PATTERN)
     replies: str = Field("sdagent.replies", pattern=TOPIC_PATTERN)
+    # Compacted: one record per agent with the models it holds (docs/model-affinity.md).
+    agents: str = Field("sdagent.agents", pattern=TOPIC_PATTERN)
+    # How jobs are keyed (docs/model-affinity.md): "model" sends a model's jobs to the same few
+    # partitions (fewer switches); "job_id" spreads them evenly whatever the model.
+    jobs_key: Literal["model", "job_id"] = "model"
+    # Keys per model when keyed by model: a hot model fills up to this many partitions.
+    model_lanes: int = Field(2, ge=1, le=1024)
     # One job runs per partition holder at a time: partitions >= the fleet's maximum size.
     jobs_partitions: int = Field(64, ge=1, le=10_000)
     results_partitions: int = Field(16, ge=1, le=10_000)
@@ -62,7 +69,7 @@ class TopicsConfig(_Section):
 
     @model_validator(mode="after")
     def _distinct_names(self) -> TopicsConfig:
-        names = [self.jobs, self.results, self.dead_letters, self.control, self.replies]
+        names = [self.jobs, self.results, self.dead_letters, self.control, self.replies, self.agents]
         if len(set(names)) != len(names):
             raise ValueError("topic names must all differ")
         return self

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
+from sdagent.affinity import model_of, pick_next
 from sdagent.runner import Delivery, JobControl, JobRunner, Outcome
 
 log = structlog.get_logger(__name__)
@@ -32,6 +33,9 @@ REVOKE_WAIT_S = 30.0  # how long a rebalance waits for an interrupted job to han
 COMMITTED_TIMEOUT_S = 5.0
 # Read-ahead is also bounded in bytes: a job with an inline init image can weigh megabytes.
 READ_AHEAD_BYTES = 8 * 1024 * 1024
+# How often the oldest held job may be passed over for one on the loaded model: bounds its wait
+# at this many jobs' run time (no switch among them), so affinity never starves a job.
+MAX_PASSED_OVER = 4
 
 PartitionKey = tuple[str, int]
 
@@ -55,6 +59,7 @@ class Intake:
         *,
         read_ahead: int = 64,
         on_assignment: Callable[[frozenset[PartitionKey]], None] | None = None,
+        loaded_model: Callable[[], str | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._consumer = consumer
@@ -63,6 +68,8 @@ class Intake:
         self._interrupt_backend = interrupt_backend
         self._read_ahead = read_ahead
         self._on_assignment = on_assignment or (lambda _assigned: None)
+        self._loaded_model = loaded_model
+        self._oldest_passed_over = 0  # times the job at the head of _held was passed over
         self._clock = clock
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdagent-job")
         self._inflight: _InFlight | None = None
@@ -198,6 +205,7 @@ class Intake:
                 value=message.value(),
                 timestamp_ms=timestamp_ms if timestamp_type else None,
                 possibly_redelivered=key in self._fresh,
+                model=model_of(message.headers()),
             )
         )
         self._fresh.discard(key)
@@ -206,11 +214,21 @@ class Intake:
     def _start_next(self) -> None:
         if self._inflight is not None or not self._held or self._holds or self._clock() < self._retry_at:
             return
-        delivery = self._held.popleft()
+        delivery = self._next_held()
         control = JobControl(None, self._interrupt_backend)
         with self._lock:
             self._inflight = _InFlight(delivery, control, self._executor.submit(self._runner.run, delivery, control))
         self._reconcile_pause()
+
+    def _next_held(self) -> Delivery:
+        index = pick_next(self._held, self._loaded_model(), self._oldest_passed_over, MAX_PASSED_OVER)
+        if index == 0:
+            self._oldest_passed_over = 0
+            return self._held.popleft()
+        self._oldest_passed_over += 1  # the oldest stays first, passed over once more
+        delivery = self._held[index]
+        del self._held[index]
+        return delivery
 
     def _finish_if_done(self) -> None:
         inflight = self._inflight

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
 
+from sdagent.affinity import job_headers, job_key
 from sdagent.config import TopicsConfig
 from sdagent.delivery import Deliveries
 from sdagent.errors import KafkaUnavailable
@@ -99,10 +100,10 @@ class StatusPublisher:
         log.warning("job.dead_lettered", job_id=job_id, reason=reason, error=message, offset=source.offset)
 
     def requeue(self, job: Job) -> None:
-        """Durably put ``job`` back on the jobs topic, keyed by its id like a caller's submission."""
+        """Durably put ``job`` back on the jobs topic, keyed as a caller's submission is."""
         deliveries = Deliveries()
-        self._produce(self._topics.jobs, None, job.job_id.encode(), job.model_dump_json(exclude_none=True).encode(),
-                      [("sdagent-requeued-by", self._agent_id.encode())], deliveries)
+        self._produce(self._topics.jobs, None, job_key(job, self._topics), job.model_dump_json(exclude_none=True).encode(),
+                      [*job_headers(job), ("sdagent-requeued-by", self._agent_id.encode())], deliveries)
         self._await(deliveries, f"requeue of job {job.job_id}")
 
     def flush(self, timeout_s: float) -> int:

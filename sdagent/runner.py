@@ -75,6 +75,7 @@ class Delivery:
     value: bytes | None
     timestamp_ms: int | None
     possibly_redelivered: bool = False  # the first record of a partition after it was assigned
+    model: str | None = None  # from the record's header, for model affinity; None when absent
 
     @property
     def record_id(self) -> str:
@@ -176,6 +177,8 @@ class JobRunner:
         self._recorder = recorder or JobMetrics(enabled=False)
         self._models = models or UncachedModels()
         self._clock = clock
+        # The model the last job ran on, as jobs name it: the intake prefers held jobs for it.
+        self.current_model: str | None = None
 
     def run(self, delivery: Delivery, control: JobControl) -> Outcome:
         try:
@@ -245,6 +248,7 @@ class JobRunner:
             if self._models.take_rescan():
                 self._backend.refresh_models()
             self._switch_if_needed(model.name, timings)
+            self.current_model = job.model
             self._publisher.publish(self._event(job, Status.STARTED), reply)
             since = time.perf_counter()
             control.progressed(0, job.steps)

@@ -38,6 +38,9 @@ def topic_specs(topics: TopicsConfig, replication_factor: int | None = None) -> 
         # Every agent reads the whole control topic: one partition keeps that cheap.
         TopicSpec(topics.control, 1, retained(topics.results_retention_h)),
         TopicSpec(topics.replies, topics.replies_partitions, retained(topics.replies_retention_h)),
+        # The latest record per agent is what counts; compaction keeps just that.
+        TopicSpec(topics.agents, 1, {"cleanup.policy": "compact", "min.insync.replicas": min_isr,
+                                     "min.compaction.lag.ms": "0", "segment.ms": str(_HOUR_MS)}),  # fmt: skip
     ]
 
 

@@ -43,6 +43,7 @@ def stack_config(
             "dead_letters": f"{topic_prefix}dead-letters",
             "control": f"{topic_prefix}control",
             "replies": f"{topic_prefix}replies",
+            "agents": f"{topic_prefix}agents",
             "jobs_partitions": jobs_partitions,
             "results_partitions": 2,
             "replies_partitions": 2,

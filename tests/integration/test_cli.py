@@ -25,9 +25,9 @@ def test_topics_create_makes_every_topic_once(kafka_bootstrap, topic_prefix, tmp
                           tmp_path / "sdagent.toml")
     first = sdagent("topics", "create", "--config", str(config), "--replication-factor", "1")
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count(": created") == 5
+    assert first.stdout.count(": created") == 6  # jobs, results, dead letters, control, replies, agents
     again = sdagent("topics", "create", "--config", str(config), "--replication-factor", "1")
-    assert again.stdout.count(": exists") == 5
+    assert again.stdout.count(": exists") == 6
 
 
 def test_submit_waits_and_prints_the_answer_as_json(pipeline, tmp_path):

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 from PIL import Image
 
+from sdagent.client import Client
 from sdagent.jobs import Status
 
 MODEL = "sd15.safetensors"
@@ -174,9 +175,11 @@ def test_two_agents_share_the_work(pipeline):
     pipeline.start_agent(backend={"step_latency_s": 0.02})
     assert wait_until(lambda: all(len(a.agent.intake._assigned) == 1 for a in pipeline.agents), timeout_s=30)
     answers, lock = [], threading.Lock()
+    # One model for all: keyed by job id, so that both partitions (and agents) get some.
+    client = Client(pipeline.settings.kafka, pipeline.settings.topics.model_copy(update={"jobs_key": "job_id"}))
 
     def submit(index: int) -> None:
-        answer = pipeline.client.run(job(job_id=f"shared-{index}", steps=10), timeout_s=60)
+        answer = client.run(job(job_id=f"shared-{index}", steps=10), timeout_s=60)
         with lock:
             answers.append(answer)
 
@@ -186,6 +189,7 @@ def test_two_agents_share_the_work(pipeline):
     for thread in threads:
         thread.join()
     assert all(a.status is Status.SUCCEEDED for a in answers) and len(answers) == 16
+    client.close()
     assert {a.agent for a in answers} == {"agent-0", "agent-1"}
 
 
