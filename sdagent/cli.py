@@ -104,6 +104,14 @@ def _parser() -> argparse.ArgumentParser:
 
     add_cache_commands(commands)
 
+    gateway = commands.add_parser("gateway", help="serve the HTTP API in front of the jobs topic (docs/gateway.md)")
+    _add_config(gateway, default=DEFAULT_CONFIG_PATH)
+    gateway.add_argument("--port", type=int, help="override gateway.port")
+    gateway.set_defaults(handler=_gateway)
+    gateway_commands = gateway.add_subparsers(metavar="ACTION")
+    hash_key = gateway_commands.add_parser("hash-key", help="make a new API key and print it with its SHA-256")
+    hash_key.set_defaults(handler=_gateway_hash_key)
+
     devstack = commands.add_parser("devstack", help="local Kafka + moto + simulated backend + agent, run demo jobs")
     devstack.add_argument("--jobs", type=int, default=5, help="how many demo jobs (default 5)")
     devstack.set_defaults(handler=_devstack)
@@ -120,6 +128,29 @@ def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "bootstrap", None):
         overrides["kafka"] = {"bootstrap_servers": args.bootstrap}
     return load_settings(args.config, overrides)
+
+
+# --- gateway ---------------------------------------------------------------------------------
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from sdagent.gateway.server import serve
+
+    settings = _settings(args)
+    if args.port is not None:
+        settings.gateway.port = args.port
+    configure_logging(settings.logging.format, settings.logging.level)
+    serve(settings)
+    return ExitCode.OK
+
+
+def _gateway_hash_key(_args: argparse.Namespace) -> int:
+    from sdagent.gateway.auth import new_key
+
+    key, digest = new_key()
+    print(f"key (give it to the caller; it is not stored): {key}")
+    print(f'config:  [[gateway.api_keys]]\n         name = "CALLER"\n         sha256 = "{digest}"')
+    return ExitCode.OK
 
 
 # --- run -------------------------------------------------------------------------------------

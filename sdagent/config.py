@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from sdagent.errors import ConfigError
 from sdagent.jobs import TOPIC_PATTERN, Limits
 from sdagent.cache.config import CacheConfig
+from sdagent.gateway.config import GatewayConfig
 from sdagent.metrics.config import MetricsConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/sdagent/sdagent.toml")
@@ -224,6 +225,7 @@ class Settings(BaseModel):
     imds: ImdsConfig = Field(default_factory=ImdsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
 

@@ -291,6 +291,7 @@ def job_json_schema() -> dict[str, Any]:
 
 
 class Status(str, enum.Enum):
+    QUEUED = "queued"  # written by the HTTP gateway once the job is durably on the jobs topic
     ACCEPTED = "accepted"
     STARTED = "started"
     PROGRESS = "progress"

@@ -1,0 +1,47 @@
+"""The ``[gateway]`` section: where it listens, who may call it, how long it keeps job status."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ApiKey(BaseModel):
+    """One caller: a name for logs and limits, and the SHA-256 of its key (never the key)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    sha256: str = Field(..., pattern=SHA256_HEX.pattern)
+    rate_per_s: int = Field(100, ge=1, le=100_000)  # requests a second, per key, per gateway
+
+
+class GatewayConfig(BaseModel):
+    """The HTTP gateway (``[gateway]``); see docs/gateway.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    api_keys: list[ApiKey] = Field(default_factory=list)
+    # Off unless set: every /v1 endpoint needs a key. /healthz and /readyz never do.
+    allow_anonymous: bool = False
+    anonymous_rate_per_s: int = Field(100, ge=1, le=100_000)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_wait_s: float = Field(60.0, ge=0, le=600)  # the cap of ?wait= and Prefer: wait=
+    # Status is rebuilt from the results topic over this window at start; older jobs answer 404.
+    status_window_s: float = Field(3600.0, gt=0)
+    status_max_jobs: int = Field(200_000, ge=100)
+    # How long a submission waits for the broker's acks=all before it answers 503.
+    delivery_timeout_s: float = Field(10.0, gt=0, le=120)
+    retry_after_s: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _key_names_unique(self) -> GatewayConfig:
+        names = [key.name for key in self.api_keys]
+        if len(set(names)) != len(names):
+            raise ValueError("api_keys names must be unique")
+        return self

@@ -1,0 +1,58 @@
+"""``sdagent gateway``: builds the gateway's parts from the configuration and serves it (uvicorn).
+
+Start: a bad ``[gateway]`` (no API key and no explicit ``allow_anonymous``) stops with exit 78;
+the status view starts reading the results topic (``/readyz`` says 503 until it has caught up);
+then uvicorn serves. SIGTERM: uvicorn stops accepting, finishes the requests in flight, then the
+producer is flushed and the reader closed.
+"""
+
+from __future__ import annotations
+
+import socket
+from contextlib import asynccontextmanager
+
+import structlog
+import uvicorn
+from confluent_kafka import Consumer
+from fastapi import FastAPI
+
+from sdagent.config import Settings
+from sdagent.gateway.app import GatewayParts, create_app
+from sdagent.gateway.auth import Gatekeeper
+from sdagent.gateway.queue import JobQueue
+from sdagent.gateway.status import StatusView
+from sdagent.kafka_clients import reader_config
+
+log = structlog.get_logger(__name__)
+
+
+def build_app(settings: Settings, gateway_id: str | None = None) -> FastAPI:
+    """The gateway app with its Kafka parts, started and stopped with the app's lifespan."""
+    config = settings.gateway
+    gatekeeper = Gatekeeper(config)  # raises ConfigError before anything connects
+    gateway_id = gateway_id or socket.gethostname()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        queue = JobQueue(settings.kafka, settings.topics, gateway_id, delivery_timeout_s=config.delivery_timeout_s)
+        view = StatusView(Consumer(reader_config(settings.kafka, "gateway-status")), settings.topics.results,
+                          window_s=config.status_window_s, max_jobs=config.status_max_jobs)  # fmt: skip
+        view.start()
+        app.state.parts = GatewayParts(config, settings.limits, queue, view, gatekeeper, queue.broker_reachable)
+        log.info("gateway.started", gateway_id=gateway_id, jobs_topic=settings.topics.jobs)
+        try:
+            yield
+        finally:
+            queue.close()
+            view.stop()
+            log.info("gateway.stopped")
+
+    app = create_app(GatewayParts(config, settings.limits, None, None, gatekeeper))  # parts replaced at start
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def serve(settings: Settings) -> None:
+    app = build_app(settings)
+    uvicorn.run(app, host=settings.gateway.host, port=settings.gateway.port, log_config=None,
+                access_log=False, timeout_graceful_shutdown=settings.gateway.max_wait_s + 5)  # fmt: skip
