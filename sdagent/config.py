@@ -53,9 +53,10 @@ class TopicsConfig(_Section):
     replies: str = Field("sdagent.replies", pattern=TOPIC_PATTERN)
     # Compacted: one record per agent with the models it holds (docs/model-affinity.md).
     agents: str = Field("sdagent.agents", pattern=TOPIC_PATTERN)
-    # How jobs are keyed (docs/model-affinity.md): "model" sends a model's jobs to the same few
-    # partitions (fewer switches); "job_id" spreads them evenly whatever the model.
-    jobs_key: Literal["model", "job_id"] = "model"
+    # How jobs are keyed (docs/model-affinity.md): "job_id" spreads them evenly whatever the
+    # model; "model" sends a model's jobs to at most model_lanes partitions (fewer switches, but a
+    # fleet serving few models then keeps only that many agents busy: opt in with lanes sized).
+    jobs_key: Literal["model", "job_id"] = "job_id"
     # Keys per model when keyed by model: a hot model fills up to this many partitions.
     model_lanes: int = Field(2, ge=1, le=1024)
     # One job runs per partition holder at a time: partitions >= the fleet's maximum size.

@@ -21,8 +21,9 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from pydantic import ValidationError
 
 from sdagent.errors import KafkaUnavailable
-from sdagent.jobs import StatusEvent
+from sdagent.jobs import Status, StatusEvent
 from sdagent.kafka_clients import with_metadata_retries
+from sdagent.publisher import STATUS_HEADER
 
 log = structlog.get_logger(__name__)
 
@@ -35,6 +36,19 @@ EXPIRE_EVERY = 1000  # events between two sweeps of expired jobs
 class _Waiter:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A job's latest event, kept as its record's bytes: parsed only when someone asks (most
+    events are never read over HTTP; parsing each would cost the reader thread, and the GIL)."""
+
+    status: Status
+    raw: bytes
+    at_ms: int  # the record's timestamp
+
+    def event(self) -> StatusEvent:
+        return StatusEvent.from_bytes(self.raw)
 
 
 class StatusView:
@@ -54,7 +68,7 @@ class StatusView:
         self._window_s = window_s
         self._max_jobs = max_jobs
         self._clock = clock
-        self._latest: collections.OrderedDict[str, StatusEvent] = collections.OrderedDict()
+        self._latest: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._waiters: dict[str, list[_Waiter]] = collections.defaultdict(list)
         self._lock = threading.Lock()
         self._targets: dict[int, int] = {}  # partition -> high watermark at start
@@ -82,14 +96,16 @@ class StatusView:
 
     def get(self, job_id: str) -> StatusEvent | None:
         with self._lock:
-            return self._latest.get(job_id)
+            entry = self._latest.get(job_id)
+        return _parsed(entry)
 
     def subscribe(self, job_id: str) -> tuple[StatusEvent | None, asyncio.Queue]:
         """The job's latest event now, and a queue that receives every later one (from the loop)."""
         waiter = _Waiter(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._waiters[job_id].append(waiter)
-            return self._latest.get(job_id), waiter.queue
+            entry = self._latest.get(job_id)
+        return _parsed(entry), waiter.queue
 
     def unsubscribe(self, job_id: str, queue: asyncio.Queue) -> None:
         with self._lock:
@@ -125,7 +141,7 @@ class StatusView:
                 message = self._consumer.poll(POLL_S)
                 if message is not None and message.error() is None:
                     self._positions[message.partition()] = message.offset() + 1
-                    self._take(message.key(), message.value())
+                    self._take(message.key(), message.value(), message.headers(), message.timestamp()[1])
                 if not self.caught_up.is_set() and all(self._positions.get(p, 0) >= t for p, t in self._targets.items()):
                     self.caught_up.set()
                     log.info("gateway.status_caught_up", jobs=len(self._latest))
@@ -133,23 +149,27 @@ class StatusView:
                 log.exception("gateway.status_read_failed")
                 self._stop.wait(1.0)
 
-    def _take(self, key: bytes | None, value: bytes | None) -> None:
-        if not key or not value:
+    def _take(self, key: bytes | None, value: bytes | None, headers, timestamp_ms: int) -> None:
+        status = _status_of(headers)
+        if not key or not value or status is None:
+            log.warning("gateway.bad_status_record", key=(key or b"").decode(errors="replace"))
             return
-        try:
-            event = StatusEvent.from_bytes(value)
-        except ValidationError:
-            log.warning("gateway.bad_status_record", job_id=key.decode(errors="replace"))
-            return
+        job_id = key.decode(errors="replace")
+        entry = _Entry(status, value, timestamp_ms)
         with self._lock:
-            current = self._latest.get(event.job_id)
+            current = self._latest.get(job_id)
             # A terminal answer stands: a late progress record or a requeue's events of a job
             # already answered must not hide it.
-            if current is None or not current.status.is_terminal or event.status.is_terminal:
-                self._latest[event.job_id] = event
-                self._latest.move_to_end(event.job_id)
-            waiters = list(self._waiters.get(event.job_id, ()))
+            if current is None or not current.status.is_terminal or status.is_terminal:
+                self._latest[job_id] = entry
+                self._latest.move_to_end(job_id)
+            waiters = list(self._waiters.get(job_id, ()))
             self._bound()
+        if not waiters:
+            return
+        event = _parsed(entry)
+        if event is None:
+            return
         for waiter in waiters:
             waiter.loop.call_soon_threadsafe(waiter.queue.put_nowait, event)
 
@@ -160,10 +180,10 @@ class StatusView:
         if self._since_sweep < EXPIRE_EVERY:
             return
         self._since_sweep = 0
-        horizon = self._clock() - self._window_s
+        horizon_ms = (self._clock() - self._window_s) * 1000
         while self._latest:
             oldest_id, oldest = next(iter(self._latest.items()))
-            if oldest.at.timestamp() >= horizon:
+            if oldest.at_ms >= horizon_ms:
                 break
             del self._latest[oldest_id]
 
@@ -182,3 +202,23 @@ class StatusView:
             self._positions[tp.partition] = start
             starts.append(TopicPartition(tp.topic, tp.partition, start))
         return starts
+
+
+def _status_of(headers) -> Status | None:
+    for name, value in headers or ():
+        if name == STATUS_HEADER:
+            try:
+                return Status(value.decode())
+            except ValueError:
+                return None
+    return None
+
+
+def _parsed(entry: _Entry | None) -> StatusEvent | None:
+    if entry is None:
+        return None
+    try:
+        return entry.event()
+    except ValidationError:
+        log.warning("gateway.bad_status_record", status=entry.status.value)
+        return None

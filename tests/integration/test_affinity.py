@@ -34,7 +34,7 @@ def test_a_models_jobs_stay_with_one_agent(pipeline):
     for _ in range(2):
         pipeline.start_agent()
     assert wait_until(lambda: all(len(a.agent.intake._assigned) == 1 for a in pipeline.agents))
-    client = Client(pipeline.settings.kafka, pipeline.settings.topics.model_copy(update={"model_lanes": 1}))
+    client = Client(pipeline.settings.kafka, pipeline.settings.topics.model_copy(update={"jobs_key": "model", "model_lanes": 1}))
     try:
         answers = [client.run(job(job_id=f"affine-{i}"), timeout_s=30) for i in range(8)]
     finally:

@@ -27,19 +27,19 @@ def held(*records: tuple[int, str]) -> list[Delivery]:
 
 
 def test_keyed_by_model_a_model_uses_exactly_its_lanes():
-    topics = TopicsConfig(model_lanes=3)
+    topics = TopicsConfig(jobs_key="model", model_lanes=3)
     keys = {job_key(a_job("sdxl.safetensors", f"job-{i}"), topics) for i in range(300)}
     assert keys == {b"sdxl.safetensors#0", b"sdxl.safetensors#1", b"sdxl.safetensors#2"}
 
 
 def test_the_key_is_stable_for_a_job_so_a_requeue_lands_where_the_job_was():
-    topics = TopicsConfig(model_lanes=4)
+    topics = TopicsConfig(jobs_key="model", model_lanes=4)
     job = a_job("sd15.safetensors", "8a1f0c7e-1111-4c6e-9d0b-2c1c5e1e0a01")
     assert job_key(job, topics) == job_key(job.model_copy(update={"attempt": 3}), topics)
 
 
 def test_one_lane_keys_by_the_model_alone():
-    assert job_key(a_job("sd15.safetensors", "x-1"), TopicsConfig(model_lanes=1)) == b"sd15.safetensors"
+    assert job_key(a_job("sd15.safetensors", "x-1"), TopicsConfig(jobs_key="model", model_lanes=1)) == b"sd15.safetensors"
 
 
 def test_keyed_by_job_id_ignores_the_model():
