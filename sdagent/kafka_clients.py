@@ -83,6 +83,19 @@ def reader_config(kafka: KafkaConfig, purpose: str) -> dict[str, Any]:
     }
 
 
+def webhooks_consumer_config(kafka: KafkaConfig, member_id: str, start_from: str = "latest") -> dict[str, Any]:
+    """A gateway's member of the webhook senders' group on the results topic."""
+    return {
+        **_base(kafka, f"sdagent-webhooks-{member_id}"),
+        "group.id": f"{kafka.group_id}-webhooks",
+        # Committed by the dispatcher once a webhook was delivered or given up on.
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        # "latest": a new group sends the webhooks of what is answered from now on.
+        "auto.offset.reset": start_from,
+    }
+
+
 def admin_config(kafka: KafkaConfig) -> dict[str, Any]:
     return _base(kafka, "sdagent-admin")
 

@@ -161,7 +161,7 @@ class JobLedger:
 
     def _take(self, message) -> None:
         if message.topic() == self._results_topic:
-            status = _terminal_status(message.headers())
+            status = terminal_status(message.headers())
             if status is not None and message.key():
                 with self._lock:
                     self._finished.add(message.key().decode(), status)
@@ -211,7 +211,7 @@ class JobLedger:
         return starts
 
 
-def _terminal_status(headers) -> Status | None:
+def terminal_status(headers) -> Status | None:
     for name, value in headers or ():
         if name == STATUS_HEADER:
             return _TERMINAL_HEADER_VALUES.get(value)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import re
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -17,6 +20,41 @@ class ApiKey(BaseModel):
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     sha256: str = Field(..., pattern=SHA256_HEX.pattern)
     rate_per_s: int = Field(100, ge=1, le=100_000)  # requests a second, per key, per gateway
+
+
+class WebhookConfig(BaseModel):
+    """``[gateway.webhooks]``; see docs/webhooks.md."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    # Signing secrets, "whsec_" + base64 (set them through SDAGENT_GATEWAY__WEBHOOKS__SECRETS, not
+    # the file). The first signs; all are listed in the signature header, so a rotation can run
+    # with two for a while.
+    secrets: list[str] = Field(default_factory=list)
+    timeout_s: float = Field(10.0, gt=0, le=120)
+    max_attempts: int = Field(5, ge=1, le=20)
+    max_backoff_s: float = Field(10.0, gt=0, le=300)
+    allow_private_targets: bool = False  # tests and closed networks only
+    # Where a new webhook group starts: "latest" sends the answers from now on; "earliest" also
+    # those still on the results topic.
+    start_from: Literal["latest", "earliest"] = "latest"
+
+    @model_validator(mode="after")
+    def _secret_when_enabled(self) -> WebhookConfig:
+        if self.enabled and not self.secrets:
+            raise ValueError("webhooks need at least one signing secret (secrets)")
+        for secret in self.secrets:
+            secret_bytes(secret)
+        return self
+
+
+def secret_bytes(secret: str) -> bytes:
+    """The key of a ``whsec_<base64>`` webhook secret."""
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except ValueError as exc:
+        raise ValueError("a webhook secret is 'whsec_' followed by base64") from exc
 
 
 class GatewayConfig(BaseModel):
@@ -38,6 +76,7 @@ class GatewayConfig(BaseModel):
     # How long a submission waits for the broker's acks=all before it answers 503.
     delivery_timeout_s: float = Field(10.0, gt=0, le=120)
     retry_after_s: int = Field(5, ge=1)
+    webhooks: WebhookConfig = Field(default_factory=WebhookConfig)
 
     @model_validator(mode="after")
     def _key_names_unique(self) -> GatewayConfig:

@@ -21,6 +21,7 @@ from sdagent.gateway.app import GatewayParts, create_app
 from sdagent.gateway.auth import Gatekeeper
 from sdagent.gateway.queue import JobQueue
 from sdagent.gateway.status import StatusView
+from sdagent.gateway.webhooks import WebhookDispatcher
 from sdagent.kafka_clients import reader_config
 
 log = structlog.get_logger(__name__)
@@ -38,11 +39,18 @@ def build_app(settings: Settings, gateway_id: str | None = None) -> FastAPI:
         view = StatusView(Consumer(reader_config(settings.kafka, "gateway-status")), settings.topics.results,
                           window_s=config.status_window_s, max_jobs=config.status_max_jobs)  # fmt: skip
         view.start()
+        webhooks = None
+        if config.webhooks.enabled:
+            webhooks = WebhookDispatcher(settings.kafka, settings.topics.results, config.webhooks, member_id=gateway_id)
+            webhooks.start()
         app.state.parts = GatewayParts(config, settings.limits, queue, view, gatekeeper, queue.broker_reachable)
-        log.info("gateway.started", gateway_id=gateway_id, jobs_topic=settings.topics.jobs)
+        log.info("gateway.started", gateway_id=gateway_id, jobs_topic=settings.topics.jobs,
+                 webhooks=webhooks is not None)  # fmt: skip
         try:
             yield
         finally:
+            if webhooks is not None:
+                webhooks.stop()
             queue.close()
             view.stop()
             log.info("gateway.stopped")
