@@ -10,7 +10,7 @@ trip at a fixed offered rate.
    subprocesses, zero-latency simulated backend, moto S3); the generator offers ``--sync-rate``
    jobs/s with ``?wait=`` for ``--sync-duration`` s, each latency counted from its planned start.
 
-Usage: ``.venv/bin/python bench/gateway_load.py [--jobs 10000] [--concurrency 32]``
+Usage: ``.venv/bin/python bench/gateway_load.py [--jobs 10000] [--concurrency 16]``
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ JOB = {"model": "sd15.safetensors", "prompt": "a lighthouse at dusk, volumetric 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--sync-rate", type=float, default=100.0)
     parser.add_argument("--sync-duration", type=float, default=15.0)
     parser.add_argument("--agents", type=int, default=2)

@@ -146,14 +146,15 @@ def create_app(parts: GatewayParts) -> FastAPI:
 # --- request handling ------------------------------------------------------------------------------
 
 
-def _parts(request: Request) -> GatewayParts:
+# Dependencies are coroutines: FastAPI runs a plain ``def`` one on a worker thread, per request.
+async def _parts(request: Request) -> GatewayParts:
     return request.app.state.parts  # replaced by the server's lifespan once Kafka is connected
 
 
 PartsDep = Annotated[GatewayParts, Depends(_parts)]
 
 
-def _caller(
+async def _caller(
     request: Request,
     authorization: Annotated[str | None, Header(description="Bearer API key")] = None,
     x_api_key: Annotated[str | None, Header()] = None,
