@@ -49,3 +49,13 @@ def wait_until_answering(
             return None
         time.sleep(interval_s)
     return f"{name} did not answer on {address} within {timeout_s:.0f}s"
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0, interval_s: float = 0.05) -> bool:
+    """Poll ``predicate`` until it holds (True) or ``timeout_s`` passed (its last answer)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

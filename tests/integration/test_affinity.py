@@ -4,13 +4,13 @@ and each agent publishes the models it holds on the compacted agents topic."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from confluent_kafka import Producer
 
 from sdagent.affinity import MODEL_HEADER, job_key
 from sdagent.client import Client
+from sdagent.devstack.process import wait_until
 from sdagent.jobs import Job, Status
 from sdagent.publisher import StatusPublisher
 
@@ -21,19 +21,10 @@ def job(model: str = "sd15.safetensors", **fields) -> dict:
     return {"model": model, "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, **fields}
 
 
-def wait_until(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_a_models_jobs_stay_with_one_agent(pipeline):
     for _ in range(2):
         pipeline.start_agent()
-    assert wait_until(lambda: all(len(a.agent.intake._assigned) == 1 for a in pipeline.agents))
+    assert wait_until(lambda: all(len(a.agent.intake._assigned) == 1 for a in pipeline.agents), timeout_s=30)
     client = Client(pipeline.settings.kafka, pipeline.settings.topics.model_copy(update={"jobs_key": "model", "model_lanes": 1}))
     try:
         answers = [client.run(job(job_id=f"affine-{i}"), timeout_s=30) for i in range(8)]

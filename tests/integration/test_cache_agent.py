@@ -4,7 +4,6 @@ store changes are picked up, and every cache failure answers the job with a reas
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import boto3
@@ -14,6 +13,7 @@ from botocore.config import Config
 from sdagent.cache.indexer import build_manifest
 from sdagent.cache.sources.s3 import S3Source
 from sdagent.cache.testing import make_store, model_bytes
+from sdagent.devstack.process import wait_until
 from sdagent.jobs import Status
 
 pytestmark = pytest.mark.integration
@@ -26,15 +26,6 @@ SIZE = 256 * 1024
 
 def job(model: str, **fields) -> dict:
     return {"model": model, "prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, **fields}
-
-
-def wait_until(predicate, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import time
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from sdagent.devstack.process import wait_until
 from sdagent.gateway.config import WebhookConfig
 from sdagent.gateway.webhooks import WebhookDispatcher, check_target, sign, TargetRefused
 from sdagent.jobs import Status, StatusEvent, Webhook
@@ -85,15 +86,6 @@ def publish(pipeline, job_id: str, status: Status, url: str | None) -> None:
     producer = Producer({"bootstrap.servers": pipeline.settings.kafka.bootstrap_servers})
     event = StatusEvent(job_id=job_id, status=status, webhook=Webhook(url=url) if url else None)
     StatusPublisher(producer, pipeline.settings.topics, "agent-x").publish_durably(event, None)
-
-
-def wait_until(predicate, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def wait_assigned(made: WebhookDispatcher) -> None:

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from PIL import Image
 
 from sdagent.client import Client
+from sdagent.devstack.process import wait_until
 from sdagent.jobs import Status
 
 MODEL = "sd15.safetensors"
@@ -18,15 +19,6 @@ MODEL = "sd15.safetensors"
 
 def job(**fields) -> dict:
     return {"model": MODEL, "prompt": "a lighthouse at dusk", "width": 64, "height": 64, "steps": 4, **fields}
-
-
-def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False
 
 
 def headers_of(message) -> dict[str, str]:
