@@ -9,7 +9,7 @@ loaded model (sdagent/affinity.py). A switch is a job whose answer reports ``swi
 first load on each agent counts too); the wait is the answer's ``queue_wait_ms`` (produce ->
 start on the agent).
 
-Usage: ``.venv/bin/python bench/affinity.py [--jobs 1000] [--agents 3] [--rate 6]``
+Usage: ``.venv/bin/python bench/affinity.py [--jobs 1000] [--agents 6] [--models 8] [--rate 4]``
 """
 
 from __future__ import annotations
@@ -44,13 +44,15 @@ JOBS_PARTITIONS = 12
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--agents", type=int, default=3)
-    parser.add_argument("--rate", type=float, default=6.0, help="offered jobs per second")
-    parser.add_argument("--models", type=int, default=16)
+    # More agents than models, as in a fleet serving a handful of checkpoints; the agents sleep
+    # through the simulated generations, so six fit on two cores at this rate.
+    parser.add_argument("--agents", type=int, default=6)
+    parser.add_argument("--rate", type=float, default=4.0, help="offered jobs per second")
+    parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--zipf", type=float, default=1.1, help="popularity exponent s")
-    parser.add_argument("--lanes", type=int, default=2, help="keys per model with affinity on")
-    parser.add_argument("--switch-s", type=float, default=0.2, help="simulated model switch")
-    parser.add_argument("--step-s", type=float, default=0.01, help="simulated time per step")
+    parser.add_argument("--lanes", type=int, default=1, help="keys per model with affinity on")
+    parser.add_argument("--switch-s", type=float, default=0.5, help="simulated model switch")
+    parser.add_argument("--step-s", type=float, default=0.025, help="simulated time per step")
     parser.add_argument("--steps", type=int, default=4)
     return parser.parse_args()
 
