@@ -111,7 +111,8 @@ def create_app(parts: GatewayParts) -> FastAPI:
             await parts.queue.submit(job)
         except KafkaUnavailable as exc:
             log.warning("gateway.queue_unavailable", job_id=job.job_id, error=str(exc))
-            raise _unavailable(parts.config, "the job queue is unavailable; nothing was queued") from exc
+            raise _unavailable(parts.config, f"job {job.job_id} could not be confirmed as queued; "
+                               "resubmit it with the same job_id (it runs once)") from exc
         log.info("gateway.job_queued", job_id=job.job_id, caller=who.name, model=job.model)
         return await _answer_submission(parts, job, _wanted_wait(wait, prefer, parts.config.max_wait_s))
 
@@ -248,9 +249,7 @@ async def _event_stream(view: StatusView, job_id: str):
             yield _sse(event)
             if event.status.is_terminal:
                 return
-    except asyncio.CancelledError:  # the client went away
-        raise
-    finally:
+    finally:  # the end, or the client went away
         view.unsubscribe(job_id, queue)
 
 
