@@ -82,6 +82,9 @@ def create_app(parts: GatewayParts) -> FastAPI:
         title="sdagent gateway",
         version="1",
         summary="Stable Diffusion jobs over HTTP: submit, wait, follow; no framework in sight.",
+        # No interactive pages: they would be endpoints without a key (and load scripts from a CDN).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.parts = parts
 

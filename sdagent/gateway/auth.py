@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -27,6 +28,12 @@ KEY_PREFIX = "sdk_"
 class Caller:
     name: str
     rate_per_s: int
+    burst: int | None = None
+
+    def limit(self) -> RateLimitItemPerSecond:
+        """rate_per_s on average; a burst as a longer window holding as many seconds of rate."""
+        window_s = math.ceil((self.burst or self.rate_per_s) / self.rate_per_s)
+        return RateLimitItemPerSecond(self.rate_per_s * window_s, window_s)
 
 
 class NotAuthenticated(Exception):
@@ -56,10 +63,10 @@ class Gatekeeper:
         if not config.api_keys and not config.allow_anonymous:
             raise ConfigError("gateway.api_keys", "no API key configured; add one (sdagent gateway hash-key) "
                               "or set gateway.allow_anonymous = true explicitly")  # fmt: skip
-        self._callers = {key.sha256: Caller(key.name, key.rate_per_s) for key in config.api_keys}
+        self._callers = {key.sha256: Caller(key.name, key.rate_per_s, key.burst) for key in config.api_keys}
         self._anonymous = Caller(ANONYMOUS, config.anonymous_rate_per_s) if config.allow_anonymous else None
         self._limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
-        self._limits = {caller.name: RateLimitItemPerSecond(caller.rate_per_s)
+        self._limits = {caller.name: caller.limit()
                         for caller in [*self._callers.values(), *([self._anonymous] if self._anonymous else [])]}  # fmt: skip
 
     def authenticate(self, authorization: str | None, api_key: str | None) -> Caller:

@@ -20,6 +20,9 @@ class ApiKey(BaseModel):
     name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     sha256: str = Field(..., pattern=SHA256_HEX.pattern)
     rate_per_s: int = Field(100, ge=1, le=100_000)  # requests a second, per key, per gateway
+    # Requests allowed at once after a quiet spell; default rate_per_s (a one-second window).
+    # Kept as a window of ceil(burst / rate_per_s) seconds holding that many seconds of rate.
+    burst: int | None = Field(None, ge=1, le=1_000_000)
 
 
 class WebhookConfig(BaseModel):

@@ -150,6 +150,7 @@ def test_without_a_known_key_every_job_endpoint_is_401_but_health_is_open(pipeli
         assert client.get("/v1/jobs/x", headers={"Authorization": "Bearer sdk_wrong"}).status_code == 401
         assert client.get("/v1/jobs/x", headers={"X-API-Key": KEY}).status_code == 404  # the other header works
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
 
 
 def test_a_caller_over_its_rate_is_429_with_retry_after(pipeline):
