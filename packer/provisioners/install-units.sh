@@ -23,5 +23,6 @@ ln -sfn "${backend}/webui.conf" /etc/systemd/system/sdagent-webui.service.d/00-b
 ln -sfn "${backend}/agent.conf" /etc/systemd/system/sdagent.service.d/00-backend.conf
 
 systemctl daemon-reload
-systemd-analyze verify sdagent.service sdagent-webui.service sdagent-nvme.service
+systemd-analyze verify sdagent.service sdagent-webui.service sdagent-nvme.service sdagent-gateway.service
+# The gateway is installed, not enabled: it runs on the hosts chosen for it (docs/gateway.md).
 systemctl enable sdagent-nvme.service sdagent-webui.service sdagent.service

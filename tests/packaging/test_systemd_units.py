@@ -18,7 +18,7 @@ import pytest
 
 from tests.packaging.conftest import ROOTFS, run
 
-UNITS = ["sdagent.service", "sdagent-webui.service", "sdagent-nvme.service"]
+UNITS = ["sdagent.service", "sdagent-webui.service", "sdagent-nvme.service", "sdagent-gateway.service"]
 UNIT_DIR = ROOTFS / "etc" / "systemd" / "system"
 HOST_UNITS = Path("/usr/lib/systemd/system")
 # Installed by the base AMI or the venv, not by systemd/rootfs.
@@ -68,7 +68,7 @@ def exposure(systemd_analyze: str, root: Path, unit: str) -> tuple[float, str]:
     return float(match.group(1)), result.stdout
 
 
-@pytest.mark.parametrize("unit", ["sdagent.service", "sdagent-webui.service"])
+@pytest.mark.parametrize("unit", ["sdagent.service", "sdagent-webui.service", "sdagent-gateway.service"])
 def test_services_exposure_is_ok(systemd_analyze, tmp_path, unit):
     score, report = exposure(systemd_analyze, image_root(tmp_path, "a1111"), unit)
     print(f"{unit}: exposure {score}")
