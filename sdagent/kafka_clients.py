@@ -88,8 +88,10 @@ def webhooks_consumer_config(kafka: KafkaConfig, member_id: str, start_from: str
     return {
         **_base(kafka, f"sdagent-webhooks-{member_id}"),
         "group.id": f"{kafka.group_id}-webhooks",
-        # Committed by the dispatcher once a webhook was delivered or given up on.
-        "enable.auto.commit": False,
+        # The dispatcher stores a record's offset once its webhook was delivered or given up on;
+        # librdkafka commits what is stored every 5 s and on close and rebalance (not per record:
+        # at 100 jobs/s that would be hundreds of commits a second).
+        "enable.auto.commit": True,
         "enable.auto.offset.store": False,
         # "latest": a new group sends the webhooks of what is answered from now on.
         "auto.offset.reset": start_from,

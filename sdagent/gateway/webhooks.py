@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 import tenacity
-from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message
 from pydantic import ValidationError
 
 from sdagent.config import KafkaConfig
@@ -100,7 +100,7 @@ class WebhookDispatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(self._config.timeout_s + 5)
-        self._consumer.close()  # commits nothing more: what is done was committed as it went
+        self._consumer.close()  # commits the offsets stored so far
         self._http.close()
 
     def _run(self) -> None:
@@ -110,8 +110,7 @@ class WebhookDispatcher:
                 if message is None or message.error() is not None:
                     continue
                 self._handle(message)
-                self._consumer.commit(offsets=[TopicPartition(message.topic(), message.partition(),
-                                                              message.offset() + 1)], asynchronous=True)  # fmt: skip
+                self._consumer.store_offsets(message=message)  # committed in the background
             except _Stopping:
                 return  # not committed: the partition's next owner sends it
             except KafkaException as exc:  # the broker is away: librdkafka reconnects
