@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -67,8 +67,18 @@ class CacheConfig(BaseModel):
             raise ValueError("a directory source must be an absolute path")
         return value
 
-    @model_validator(mode="after")
-    def _crt_needs_the_default_endpoint(self) -> CacheConfig:
-        if self.transfer_client == "crt" and self.endpoint_url:
+    # Field validators rather than a model validator: the error then names the key at fault. The
+    # fields they compare with are declared above them, so they are in ``info.data``.
+    @field_validator("prewarm", "prewarm_most_used")
+    @classmethod
+    def _prewarm_needs_a_source(cls, value, info: ValidationInfo):
+        if value and info.data.get("source") is None:
+            raise ValueError("there is nothing to prewarm from without cache.source")
+        return value
+
+    @field_validator("transfer_client")
+    @classmethod
+    def _crt_needs_the_default_endpoint(cls, value: str, info: ValidationInfo) -> str:
+        if value == "crt" and info.data.get("endpoint_url"):
             raise ValueError("transfer_client = crt ignores endpoint_url (boto/boto3#4839): use auto or classic")
-        return self
+        return value
