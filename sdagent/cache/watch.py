@@ -72,7 +72,12 @@ class ManifestWatcher:
         except SdagentError as exc:
             log.warning("cache.watch_baseline_failed", source=self._cache.source.url, error=str(exc))
         if self._use_events:
-            self._observer = self._cache.source.observe(self._on_event)
+            try:
+                self._observer = self._cache.source.observe(self._on_event)
+            except OSError as exc:
+                # The mount is not there (yet), or the inotify watch limit is reached: polling
+                # still sees every change, a poll interval later.
+                log.warning("cache.watch_events_unavailable", source=self._cache.source.url, error=str(exc))
         self._thread = threading.Thread(target=self._run, name="cache-watch", daemon=True)
         self._thread.start()
         log.info("cache.watch_started", source=self._cache.source.url, interval_s=self._interval_s,

@@ -85,6 +85,18 @@ def test_no_change_calls_nothing_and_a_failing_store_does_not_stop_the_watcher(t
         watcher.stop()
 
 
+def test_a_store_not_mounted_at_start_is_polled_until_it_appears(tmp_path, store):
+    store.rename(tmp_path / "later")  # the EFS mount is not up when the agent starts
+    cache, watcher, changes = watch(tmp_path, store, interval_s=0.1)  # inotify cannot watch it: polls
+    try:
+        (tmp_path / "later").rename(store)
+        make_store(store, {"a.safetensors": b"a" * 100, "d.safetensors": b"d"})
+
+        assert _next_with(changes, lambda c: c.added).added == ("a.safetensors", "d.safetensors")
+    finally:
+        watcher.stop()
+
+
 def _next_with(changes: queue.Queue, wanted) -> ModelsChanged:
     while True:
         change = changes.get(timeout=WAIT_S)
