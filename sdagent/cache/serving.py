@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import structlog
 
 from sdagent.cache.cache import ModelCache
+from sdagent.cache.errors import ModelUnavailable
 from sdagent.cache.watch import ModelsChanged
 from sdagent.errors import ModelNotFound
 from sdagent.metrics.jobs import JobMetrics
@@ -46,9 +47,15 @@ class UncachedModels:
 class CachedModels:
     """Models staged by the cache, pinned against eviction while a job uses them."""
 
-    def __init__(self, cache: ModelCache, recorder: JobMetrics | None = None) -> None:
+    def __init__(
+        self,
+        cache: ModelCache,
+        recorder: JobMetrics | None = None,
+        webui_models: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
         self._cache = cache
         self._recorder = recorder or JobMetrics(enabled=False)
+        self._webui_models = webui_models  # what the WebUI lists now (its health probe)
         self._rescan = threading.Event()
 
     @contextlib.contextmanager
@@ -60,8 +67,15 @@ class CachedModels:
                 # Not in the store: the WebUI's own folders (the image's models) may have it; if
                 # they do not either, the switch fails with the same reason, model_not_found.
                 local = None
-            if local is None:
                 log.info("model.not_in_store", model=model)
+            except ModelUnavailable:
+                # The store cannot be read, so whether it lists the model is unknown: a model of
+                # the WebUI's own (baked into the image) still runs; anything else is retried.
+                if model not in self._webui_models():
+                    raise
+                local = None
+                log.warning("model.store_unavailable_webui_copy_used", model=model)
+            if local is None:
                 yield ServedModel(model)
                 return
             self._recorder.model_cache(hit=not local.staged)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from sdagent.cache import ModelCache, ModelCorrupt, ModelInUse
+from sdagent.cache import ModelCache, ModelCorrupt, ModelInUse, ModelUnavailable
 from sdagent.cache.serving import CachedModels, ServedModel, UncachedModels
 from sdagent.cache.sources.directory import DirectorySource
 from sdagent.cache.testing import make_store, model_bytes
@@ -71,6 +73,17 @@ def test_a_model_the_store_does_not_have_goes_to_the_webui_unchanged(cache):
         assert served == ServedModel("builtin.safetensors", None)
 
     assert models.take_rescan() is False
+
+
+def test_with_the_store_unreachable_the_webuis_own_model_is_still_served(cache, tmp_path):
+    shutil.rmtree(tmp_path / "store")  # the mount went away before the manifest was read
+    models = CachedModels(cache, webui_models=lambda: ("builtin.safetensors",))
+
+    with models.use("builtin.safetensors") as served:
+        assert served == ServedModel("builtin.safetensors", None)
+    with pytest.raises(ModelUnavailable):  # maybe in the store: retried, never guessed
+        with models.use(NAME):
+            pass
 
 
 def test_a_corrupt_store_copy_raises_and_leaves_nothing_to_serve(cache, tmp_path):
