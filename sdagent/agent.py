@@ -1,6 +1,7 @@
 """The agent: one object that owns the loops and starts them in order and stops them in reverse.
 
-Start: backend ready -> ledger caught up on the window -> intake subscribed. Stop: intake stops
+Start: models prewarmed (while the WebUI starts) and shown to the WebUI -> backend ready -> ledger
+caught up on the window -> intake subscribed -> store watcher -> READY. Stop: intake stops
 fetching -> the job in flight is released (or answered) -> offsets committed and the group left
 -> ledger closed -> producer flushed -> backend closed. ``cli.py`` installs the signal handlers;
 nothing here touches process-global state.
@@ -25,7 +26,7 @@ from sdagent.cache.cache import ModelCache, PrewarmReport
 from sdagent.cache.serving import CachedModels
 from sdagent.cache.watch import ManifestWatcher
 from sdagent.config import Settings
-from sdagent.errors import BackendUnavailable
+from sdagent.errors import BackendError, BackendUnavailable
 from sdagent.inputs import InputResolver
 from sdagent.intake import Intake
 from sdagent.kafka_clients import jobs_consumer_config, producer_config, reader_config
@@ -73,7 +74,11 @@ class Agent:
         self._notifier = notifier or Notifier(None)
         self._metrics = metrics
         self._cache = model_cache
-        self._models = CachedModels(model_cache, metrics.jobs if metrics else None) if model_cache else None
+        self._models = (
+            CachedModels(model_cache, metrics.jobs if metrics else None, webui_models=lambda: backend.health().models)
+            if model_cache
+            else None
+        )
         self._cache_watcher: ManifestWatcher | None = None
         self._drain_lock = threading.Lock()
         self._drain_reason = "stop requested"
@@ -119,23 +124,33 @@ class Agent:
         self._forced = threading.Event()
 
     def start(self, ready_timeout_s: float = 120.0) -> None:
-        """Wait for the backend and the prewarmed models, read the fleet's recent answers, then
-        join the consumer group."""
+        """Wait for the prewarmed models and the backend, read the fleet's recent answers, then
+        join the consumer group.
+
+        Order: the prewarm and the WebUI start together; once the models are local, the WebUI
+        rescans its folders (and loads one when it has none loaded: a fresh instance whose only
+        checkpoints come from the store), then the agent waits for the WebUI to be ready.
+        """
         if self._metrics is not None:
             self._metrics.start()  # returns at once; NVML starts on the metrics thread
         prewarm = self._start_prewarm()  # overlaps the WebUI's start-up
         if self._supervisor is not None:
-            self._start_supervised()
+            self._launch_supervised()
+            ready_timeout_s = self._settings.backend.process.ready_timeout_s
+        # The WebUI's time starts once the models are local: a long prewarm must not eat it.
+        prewarm_status = self._finish_prewarm(prewarm, ready_timeout_s)
+        deadline = time.monotonic() + ready_timeout_s
+        if self._supervisor is not None:
+            self._wait_supervised_ready(deadline)
         else:
-            self._wait_backend_ready(ready_timeout_s)
-        self._finish_prewarm(prewarm)
+            self._wait_backend_ready(deadline, ready_timeout_s)
         if self.stopping.is_set():
             log.warning("agent.not_consuming", reason=self._drain_reason)  # a notice came first
             return
         self.ledger.start()
         self.intake.start()
         self._start_cache_watcher()
-        self._notifier.ready(f"consuming {self._settings.topics.jobs}")
+        self._notifier.ready(f"consuming {self._settings.topics.jobs}{prewarm_status}")
         if self._metrics is not None:
             self._metrics.jobs.time_to_ready(time.time() - psutil.boot_time())
         log.info("agent.started", instance_id=self._settings.agent.instance_id, backend=self._backend.name)
@@ -283,20 +298,60 @@ class Agent:
         pool.shutdown(wait=False)  # the thread ends with the prewarm
         return future
 
-    def _finish_prewarm(self, prewarm: Future[PrewarmReport] | None) -> None:
-        """Wait for the models staged at boot: the agent takes work only once they are local.
-        A model that failed is reported, not fatal; its jobs try again (and fail with a reason)."""
+    def _finish_prewarm(self, prewarm: Future[PrewarmReport] | None, ready_timeout_s: float) -> str:
+        """Wait for the models staged at boot and show them to the WebUI: the agent takes work
+        only once they are local and listed. A model that failed is logged and reported in the
+        systemd status (returned), not fatal: its jobs try again (and fail with a reason)."""
         if prewarm is None:
-            return
+            return ""
         try:
             report = prewarm.result()
         except Exception:  # a bug in prewarm must not keep a healthy instance from serving
             log.exception("cache.prewarm_crashed")
-            return
-        if any(result.staged for result in report.results):
             self._models.request_rescan()
-        if report.failed:
-            log.warning("agent.prewarm_incomplete", failed=[result.name for result in report.failed])
+            return "; prewarm crashed"
+        local = [result.name for result in report.results if result.error is None]
+        log.info("agent.prewarmed", models=local, failed=len(report.failed), ms=round(report.total_ms))
+        if local:
+            self._show_prewarmed(local, time.monotonic() + ready_timeout_s)
+        if not report.failed:
+            return ""
+        failed = [result.name for result in report.failed]
+        log.warning("agent.prewarm_incomplete", failed=failed, errors=[result.error for result in report.failed])
+        return f"; prewarm failed for {len(failed)} of {len(report.results)} models: {', '.join(failed)}"
+
+    def _show_prewarmed(self, models: list[str], deadline: float) -> None:
+        """Once the WebUI answers, have it rescan its folders; if it has no model loaded (its only
+        checkpoints come from the cache), load the first prewarmed checkpoint, or it never gets
+        ready. On this thread: no job runs yet. A failure here leaves the rescan to the first job."""
+        while True:
+            try:
+                listed = self._backend.refresh_models()
+                break
+            except BackendUnavailable as exc:  # still starting
+                if time.monotonic() >= deadline or self.stopping.wait(BACKEND_READY_POLL_S):
+                    log.warning("agent.prewarm_rescan_skipped", error=str(exc))
+                    self._models.request_rescan()
+                    return
+            except BackendError as exc:
+                log.warning("agent.prewarm_rescan_failed", error=str(exc))
+                self._models.request_rescan()
+                return
+        log.info("backend.models_refreshed", models=len(listed))
+        if self._backend.loaded_model() is not None:
+            return
+        kinds = {entry.name: entry.kind for entry in self._cache.ls()}
+        checkpoint = next((name for name in models if kinds.get(name) == "checkpoint" and name in listed), None)
+        if checkpoint is None:
+            return
+        since = time.perf_counter()
+        try:
+            self._backend.switch_model(checkpoint)
+        except BackendError as exc:  # the readiness wait reports what is wrong with the WebUI
+            log.warning("agent.prewarmed_model_not_loaded", model=checkpoint, error=str(exc))
+            return
+        self._runner.current_model = checkpoint
+        log.info("agent.prewarmed_model_loaded", model=checkpoint, ms=round((time.perf_counter() - since) * 1000, 1))
 
     def _start_cache_watcher(self) -> None:
         if self._cache is None or self._models is None:
@@ -305,9 +360,12 @@ class Agent:
         self._cache_watcher = ManifestWatcher(
             self._cache, self._models.models_changed, interval_s=config.poll_interval_s, use_events=config.watch
         )
-        self._cache_watcher.start()
+        try:
+            self._cache_watcher.start()
+        except Exception:  # without it, store changes are found on a job's miss: serve anyway
+            log.exception("cache.watch_not_started")
 
-    def _start_supervised(self) -> None:
+    def _launch_supervised(self) -> None:
         supervisor = self._supervisor
         # Intake follows the WebUI: held while it is down or restarting, resumed once it is back.
         supervisor.on_state_change(
@@ -315,13 +373,14 @@ class Agent:
         )
         supervisor.on_hang(lambda job_id, reason: self.intake.abort_inflight("hung", job_id))
         supervisor.start()
-        timeout_s = self._settings.backend.process.ready_timeout_s
-        if not supervisor.wait_ready(timeout_s):
-            raise BackendUnavailable(f"WebUI not ready after {timeout_s} s: {supervisor.ready_reason}")
+
+    def _wait_supervised_ready(self, deadline: float) -> None:
+        if not self._supervisor.wait_ready(max(0.0, deadline - time.monotonic())):
+            timeout_s = self._settings.backend.process.ready_timeout_s
+            raise BackendUnavailable(f"WebUI not ready after {timeout_s} s: {self._supervisor.ready_reason}")
         log.info("backend.ready", backend=self._backend.name, supervised=True)
 
-    def _wait_backend_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+    def _wait_backend_ready(self, deadline: float, timeout_s: float) -> None:
         while True:
             health = self._backend.health()
             if health.ready:

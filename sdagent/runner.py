@@ -246,7 +246,8 @@ class JobRunner:
                 timings.values["stage_ms"] = model.stage_ms
             control.check()
             if self._models.take_rescan():
-                self._backend.refresh_models()
+                listed = self._backend.refresh_models()
+                log.info("backend.models_refreshed", models=len(listed))
             self._switch_if_needed(model.name, timings)
             self.current_model = job.model
             self._publisher.publish(self._event(job, Status.STARTED), reply)

@@ -42,8 +42,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument(
-        "--models", nargs="+", metavar="NAME[=MB]", default=list(defaults.DEFAULT_MODELS),
-        help="checkpoint names the simulator offers, each optionally with its VRAM size in MB",
+        "--models", nargs="*", metavar="NAME[=MB]", default=list(defaults.DEFAULT_MODELS),
+        help="checkpoint names the simulator offers, each optionally with its VRAM size in MB "
+        "(none, with --models-dir: only the staged files, as on a fresh instance with a model cache)",
     )  # fmt: skip
     parser.add_argument(
         "--models-dir", type=Path, help="checkpoint files staged here are offered too (after a refresh)"

@@ -33,9 +33,16 @@ def test_flags_become_options(tmp_path: Path) -> None:
     assert options.faults == (Fault(FaultKind.ERROR, count=2, status=503), Fault(FaultKind.HANG))
 
 
+def test_a_models_dir_alone_starts_with_no_checkpoint_of_its_own(tmp_path: Path) -> None:
+    # A fresh instance with a model cache: the WebUI lists only what the cache stages into the folder.
+    options = options_from_args(build_parser().parse_args(["--models", "--models-dir", str(tmp_path)]))
+    assert options.models == () and options.models_dir == tmp_path
+
+
 @pytest.mark.parametrize(
     "argv",
-    [["--fault", "boom"], ["--step-latency-s", "-1"], ["--models", "a=big"], ["--initial-model", "zzz"]],
+    [["--fault", "boom"], ["--step-latency-s", "-1"], ["--models", "a=big"], ["--initial-model", "zzz"],
+     ["--models"]],  # no model and no models dir: nothing to serve
 )
 def test_bad_values_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == ExitCode.USAGE
