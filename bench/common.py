@@ -361,7 +361,7 @@ class CpuMeter:
                 seconds = _cpu_seconds(child)
             except psutil.Error:  # exited between listing and reading
                 continue
-            role = ("broker" if "kafka.Kafka" in command else "moto" if "moto.server" in command
+            role = ("broker" if "kafka.Kafka" in command else "moto" if "moto_server" in command
                     else "gateway" if " gateway " in command else "load" if "--worker" in command else "agents")  # fmt: skip
             roles[role] = roles.get(role, 0.0) + seconds
         return roles

@@ -81,7 +81,7 @@ class MotoServer:
         self._log_path = Path(log_name)
         with os.fdopen(log_fd, "wb") as log_file:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self._port)],
+                [sys.executable, "-m", "sdagent.devstack.moto_server", "-H", "127.0.0.1", "-p", str(self._port)],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

@@ -77,3 +77,7 @@ def test_s3_put_get_round_trip(aws_endpoint: str, s3_bucket: str) -> None:
 
     body = s3.get_object(Bucket=s3_bucket, Key="outputs/image.png")["Body"].read()
     assert body == b"\x89PNG fake"
+
+
+def test_the_session_moto_server_runs_through_the_nagle_free_launcher(moto_server):
+    assert moto_server._process.args[1:3] == ["-m", "sdagent.devstack.moto_server"]
