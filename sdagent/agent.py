@@ -29,7 +29,7 @@ from sdagent.config import Settings
 from sdagent.errors import BackendError, BackendUnavailable
 from sdagent.inputs import InputResolver
 from sdagent.intake import Intake
-from sdagent.kafka_clients import jobs_consumer_config, producer_config, reader_config
+from sdagent.kafka_clients import jobs_consumer_config, ledger_reader_config, producer_config, reader_config
 from sdagent.ledger import JobLedger
 from sdagent.lifecycle_hooks import Heartbeater, HookTarget, LifecycleActions
 from sdagent.metrics.publisher import MetricsPublisher
@@ -87,7 +87,7 @@ class Agent:
         self._producer = producer_factory(producer_config(settings.kafka, f"sdagent-{agent_id}"))
         self.publisher = StatusPublisher(self._producer, settings.topics, agent_id)
         self.ledger = JobLedger(
-            consumer_factory(reader_config(settings.kafka, "ledger")),
+            consumer_factory(ledger_reader_config(settings.kafka)),
             consumer_factory(reader_config(settings.kafka, "ledger-probe")),
             settings.topics.results,
             settings.topics.control,

@@ -20,6 +20,9 @@ _LIBRDKAFKA_LOG = logging.getLogger("sdagent.librdkafka")
 _LOG = structlog.get_logger(__name__)
 T = TypeVar("T")
 
+LEDGER_FETCH_MIN_BYTES = 64 * 1024
+LEDGER_FETCH_WAIT_MS = 100
+
 
 def _base(kafka: KafkaConfig, client_id: str) -> dict[str, Any]:
     return {
@@ -80,6 +83,24 @@ def reader_config(kafka: KafkaConfig, purpose: str) -> dict[str, Any]:
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "latest",
+    }
+
+
+def ledger_reader_config(kafka: KafkaConfig) -> dict[str, Any]:
+    """The agent's reader of every answer and cancel request of the fleet: batched fetches.
+
+    With librdkafka's defaults (fetch.min.bytes=1) every record produced to the results topic ends
+    the ledger's waiting fetch at the broker and a new one is sent: a request per record per agent,
+    and the results topic gets three records a job. The ledger needs no record at once: it is read
+    before a redelivered job runs (the catch-up waits for it) and for cancel requests. So the
+    broker answers once it has LEDGER_FETCH_MIN_BYTES or after LEDGER_FETCH_WAIT_MS, whichever
+    comes first: a cancel or a catch-up waits at most that long more (docs/kafka.md).
+    """
+    return {
+        **reader_config(kafka, "ledger"),
+        "fetch.min.bytes": LEDGER_FETCH_MIN_BYTES,
+        "fetch.wait.max.ms": LEDGER_FETCH_WAIT_MS,
+        **kafka.client_config,  # an operator's explicit choice still wins
     }
 
 
