@@ -169,6 +169,7 @@ def _run(args: argparse.Namespace) -> int:
         checkpoints_dir,
     )
     from sdagent.cache.assembly import build_model_cache
+    from sdagent.heap import freeze_startup_heap
     from sdagent.systemd import from_environment as systemd_notifier
 
     settings = _settings(args)
@@ -193,6 +194,7 @@ def _run(args: argparse.Namespace) -> int:
     watcher = _watch_notices(imds_client, settings, agent) if imds_client is not None else None
     try:
         agent.start()
+        freeze_startup_heap()  # before the first job: a full GC pass then skips all of start-up
         agent.run()
         agent.drain(agent.drain_reason, agent.drain_deadline)
     finally:

@@ -22,6 +22,7 @@ from sdagent.gateway.auth import Gatekeeper
 from sdagent.gateway.queue import JobQueue
 from sdagent.gateway.status import StatusView
 from sdagent.gateway.webhooks import WebhookDispatcher
+from sdagent.heap import freeze_startup_heap
 from sdagent.kafka_clients import reader_config
 
 log = structlog.get_logger(__name__)
@@ -62,5 +63,6 @@ def build_app(settings: Settings, gateway_id: str | None = None) -> FastAPI:
 
 def serve(settings: Settings) -> None:
     app = build_app(settings)
+    freeze_startup_heap()  # a full GC pass then skips the imports and the app: no request waits on it
     uvicorn.run(app, host=settings.gateway.host, port=settings.gateway.port, log_config=None,
                 access_log=False, timeout_graceful_shutdown=settings.gateway.max_wait_s + 5)  # fmt: skip

@@ -97,6 +97,10 @@ def test_a_running_agent_publishes_its_job_metrics_to_cloudwatch(pipeline, tmp_p
     finally:
         agent.terminate()
         agent.wait(60)
+    # Start-up's objects were frozen out of the collector's reach before the first job.
+    frozen = [json.loads(line) for line in (tmp_path / "metrics-agent.log").read_text().splitlines()
+              if '"heap.frozen"' in line]  # fmt: skip
+    assert len(frozen) == 1 and frozen[0]["objects"] > 10_000
 
 
 def test_check_config_accepts_the_example_and_names_a_bad_key(tmp_path):
