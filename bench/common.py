@@ -246,8 +246,9 @@ class ResultsReader:
     topic: str
     decode: bool = True  # parse the StatusEvent (agent results); raw results carry no schema
     completions: dict[str, Completion] = field(default_factory=dict)
-    # job id -> the agent's time (epoch ms) of its ``accepted`` event: when the job left the intake
-    accepted_ms: dict[str, float] = field(default_factory=dict)
+    # job id -> the agent's time (epoch ms) of its first event, ``accepted`` or (a job that starts at
+    # once says no ``accepted``) ``started``: when the job left the intake
+    taken_ms: dict[str, float] = field(default_factory=dict)
     records: int = 0
 
     def __post_init__(self) -> None:
@@ -319,11 +320,11 @@ class ResultsReader:
         if not self.decode:
             return Completion(message.key().decode(), "succeeded", broker_ms)
         status = dict(message.headers() or ()).get(STATUS_HEADER, b"").decode()
-        if status == "accepted":
+        if status in ("accepted", "started"):
             event = StatusEvent.from_bytes(message.value())
-            self.accepted_ms.setdefault(event.job_id, event.at.timestamp() * 1000)
+            self.taken_ms.setdefault(event.job_id, event.at.timestamp() * 1000)
             return None
-        if status in ("started", "progress", "released", ""):
+        if status in ("progress", "released", ""):
             return None
         event = StatusEvent.from_bytes(message.value())
         return Completion(event.job_id, event.status.value, broker_ms, event)

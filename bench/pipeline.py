@@ -23,7 +23,7 @@ The first ``--warmup`` completions of each run are dropped (connections, the fir
 of the broker's request path). Each run has a time limit (``AGENT_RUN_LIMIT_S``,
 ``RAW_RUN_LIMIT_S``); an agent run cut short reports on the jobs answered in time and says so.
 
-The agent's idle time between two jobs (its answer built -> the next job's ``accepted`` event) is
+The agent's idle time between two jobs (its answer built -> the next job's first event) is
 reported too: it is where the intake's pause/resume fetch stalls show up.
 
 Usage: ``.venv/bin/python bench/pipeline.py [--jobs 2000] [--warmup 50] [--client-config JSON]``
@@ -208,7 +208,7 @@ def run_agent(services: Services, workdir: Path, jobs: int, warmup: int, client_
     events = [c.event for c in (measured[1:] if warmup else measured) if c.event is not None]
     totals = [e.timings_ms["total_ms"] for e in events]
     micro_gaps = intervals([e.at.timestamp() * 1000 for e in events])
-    idle = idle_between_jobs(events, reader.accepted_ms)
+    idle = idle_between_jobs(events, reader.taken_ms)
     stalls = [gap for gap in idle if gap > STALL_MS]
     figures = {
         "jobs": len(gaps),
@@ -232,7 +232,7 @@ def run_agent(services: Services, workdir: Path, jobs: int, warmup: int, client_
     say(f"[agent] mean per job outside total_ms (answer, commit, next fetch, scheduling): "
         f"{figures['outside_total_ms_mean']:.2f} ms; results topic records read: {reader.records} "
         f"({reader.records / answered:.1f} per job)")
-    say(f"[agent] idle between jobs (answer built -> next job accepted, agent clock): {summary(idle)}")
+    say(f"[agent] idle between jobs (answer built -> next job's first event, agent clock): {summary(idle)}")
     say(f"[agent]   {len(stalls)} stalls over {STALL_MS:g} ms took {sum(stalls) / 1000:.1f} s, "
         f"{figures['stall_share_of_time']:.0%} of the measured {span_ms / 1000:.1f} s")
     say(f"[agent] {cpu_line(cpu_used, cpu_wall, cpu_jobs)}")
@@ -241,8 +241,8 @@ def run_agent(services: Services, workdir: Path, jobs: int, warmup: int, client_
     return figures
 
 
-def idle_between_jobs(events: list[StatusEvent], accepted_ms: dict[str, float]) -> list[float]:
-    """For each job, the gap from the previous job's answer to this job's ``accepted`` event.
+def idle_between_jobs(events: list[StatusEvent], taken_ms: dict[str, float]) -> list[float]:
+    """For each job, the gap from the previous job's answer to this job's first event.
 
     Covers the durable answer, the commit, resuming the partitions and fetching the next record:
     the part of the intake loop no agent timing reports.
@@ -250,8 +250,8 @@ def idle_between_jobs(events: list[StatusEvent], accepted_ms: dict[str, float]) 
     ordered = sorted(events, key=lambda e: e.at)
     gaps = []
     for previous, current in zip(ordered, ordered[1:]):
-        if current.job_id in accepted_ms:
-            gaps.append(accepted_ms[current.job_id] - previous.at.timestamp() * 1000)
+        if current.job_id in taken_ms:
+            gaps.append(taken_ms[current.job_id] - previous.at.timestamp() * 1000)
     return gaps
 
 

@@ -210,9 +210,21 @@ class JobRunner:
         expires_at = job.expires_at(delivery.received_at)
         if expires_at is not None and self._clock() >= expires_at:
             return self._answer(job, reply, Status.EXPIRED, reason="expired", message=f"deadline {expires_at.isoformat()} passed")
-        self._publisher.publish(self._event(job, Status.ACCEPTED), reply)
+        if self._waits_before_starting(job):
+            self._publisher.publish(self._event(job, Status.ACCEPTED), reply)
         self._recorder.job_started()
         return self._execute(job, delivery, reply, control)
+
+    def _waits_before_starting(self, job: Job) -> bool:
+        """Whether anything stands between taking ``job`` and ``started``: its model to load (and
+        perhaps stage), its init image to fetch, or its WebUI not ready. Only then does the caller
+        hear ``accepted`` first; a job that starts at once goes straight to ``started``, one record
+        fewer on the results topic (and the reply topic) for every job of a warm agent."""
+        return (
+            self.current_model != job.model
+            or job.init_image is not None
+            or not self._watch.wait_ready(0)
+        )
 
     def _execute(self, job: Job, delivery: Delivery, reply: ReplyAddress | None, control: JobControl) -> Outcome:
         timings = _Timings()

@@ -15,6 +15,7 @@ from sdagent.devstack.process import wait_until
 from sdagent.jobs import Status
 
 MODEL = "sd15.safetensors"
+OTHER_MODEL = "sdxl-base.safetensors"
 
 
 def job(**fields) -> dict:
@@ -37,6 +38,22 @@ def test_sync_job_succeeds_with_a_link_that_serves_the_image(pipeline):
     with urllib.request.urlopen(output.url, timeout=10) as response:
         image = Image.open(response)
         assert image.size == (64, 64) and image.format == "PNG"
+
+
+def test_accepted_is_said_only_when_a_job_must_wait_before_it_starts(pipeline):
+    pipeline.start_agent()
+
+    def statuses(**fields) -> list[Status]:
+        seen = []
+        answer = pipeline.client.run(job(**fields), timeout_s=30, on_event=lambda e: seen.append(e.status))
+        assert answer.status is Status.SUCCEEDED
+        return seen
+
+    statuses()  # loads MODEL
+    on_the_loaded_model = statuses()
+    on_another_model = statuses(model=OTHER_MODEL)
+    assert Status.ACCEPTED not in on_the_loaded_model and on_the_loaded_model[0] is Status.STARTED
+    assert on_another_model[:2] == [Status.ACCEPTED, Status.STARTED]  # the switch comes between them
 
 
 def test_async_job_is_answered_on_the_results_topic(pipeline):
