@@ -57,7 +57,7 @@ class Intake:
         runner: JobRunner,
         interrupt_backend: Callable[[], None],
         *,
-        read_ahead: int = 64,
+        read_ahead: int = 256,
         on_assignment: Callable[[frozenset[PartitionKey]], None] | None = None,
         loaded_model: Callable[[], str | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
