@@ -37,6 +37,17 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
         ('[topics]\njobs = "a"\nresults = "a"\n', "topics"),
         ('[outputs]\ncloudfront_key_id = "K1"\n', "outputs"),
         ("[nonsense]\nx = 1\n", "nonsense"),
+        ('[cache]\nsource = "models"\n', "cache.source"),
+        ('[cache]\nsource = "http://store/models"\n', "cache.source"),
+        ('[cache]\nsource = "s3://"\n', "cache.source"),
+        ('[cache]\nsource = "/srv/models"\nbudget_bytes = 0\n', "cache.budget_bytes"),
+        ('[cache]\nsource = "/srv/models"\nmultipart_chunksize_bytes = 1024\n', "cache.multipart_chunksize_bytes"),
+        ('[cache]\nprewarm = ["sd15.safetensors"]\n', "cache.prewarm"),  # nothing to prewarm from
+        ("[cache]\nprewarm_most_used = 5\n", "cache.prewarm_most_used"),
+        ('[cache]\nsource = "s3://bucket/m"\nendpoint_url = "http://127.0.0.1:9000"\ntransfer_client = "crt"\n',
+         "cache.transfer_client"),
+        ('[cache]\nsource = "/srv/models"\nprewarm = "sd15"\n', "cache.prewarm"),
+        ('[cache]\nsource = "/srv/models"\nsize = 1\n', "cache.size"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path, text, key):
@@ -64,3 +75,10 @@ def test_command_line_overrides_beat_the_environment(monkeypatch):
     settings = load_settings(overrides={"kafka": {"bootstrap_servers": "flag:9092"}})
     assert settings.kafka.bootstrap_servers == "flag:9092"
     assert settings.kafka.group_id == "sdagent"
+
+
+def test_a_cache_section_from_the_example_shape_is_accepted(tmp_path):
+    settings = load_settings(write(tmp_path, '[cache]\nsource = "s3://models-bucket/sd"\nprewarm = ["sd15"]\n'
+                                             "prewarm_most_used = 3\nbudget_bytes = 400_000_000_000\n"))
+    assert settings.cache.source == "s3://models-bucket/sd"
+    assert settings.cache.prewarm == ["sd15"] and settings.cache.prewarm_most_used == 3
