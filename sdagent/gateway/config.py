@@ -38,6 +38,9 @@ class WebhookConfig(BaseModel):
     timeout_s: float = Field(10.0, gt=0, le=120)
     max_attempts: int = Field(5, ge=1, le=20)
     max_backoff_s: float = Field(10.0, gt=0, le=300)
+    # Webhooks one gateway sends at once: a receiver that is slow or failing (and retried) holds
+    # up only its own, not every webhook behind it.
+    concurrency: int = Field(16, ge=1, le=256)
     allow_private_targets: bool = False  # tests and closed networks only
     # Where a new webhook group starts: "latest" sends the answers from now on; "earliest" also
     # those still on the results topic.

@@ -1,9 +1,11 @@
 """Webhook delivery: a job's final status POSTed to the URL it named, signed, retried.
 
 The gateways share the work as one consumer group over the results topic (``<group>-webhooks``),
-so each job's webhook is sent by one replica; a partition's offset is committed once its webhook
-was delivered or given up on (at-least-once: a replica that dies mid-delivery leaves it to the next
-owner, which sends it again; receivers dedupe by ``webhook-id``). Signatures follow the Standard
+so each job's webhook is sent by one replica. A replica sends up to ``concurrency`` webhooks at once,
+so one slow or failing receiver does not hold up the others; a partition's offset moves past a
+record only once it and every record before it were delivered or given up on (at-least-once: a
+replica that dies or loses the partition mid-delivery leaves it to the next owner, which sends it
+again; receivers dedupe by ``webhook-id``). Signatures follow the Standard
 Webhooks scheme (docs/webhooks.md). Targets on loopback, private, link-local (the instance metadata
 service at 169.254.169.254) and other non-public addresses are refused unless allowed.
 """
@@ -17,12 +19,14 @@ import ipaddress
 import socket
 import threading
 import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from urllib.parse import urlsplit
 
 import httpx
 import structlog
 import tenacity
-from confluent_kafka import Consumer, KafkaException, Message
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
 from sdagent.config import KafkaConfig
@@ -83,54 +87,95 @@ class WebhookDispatcher:
         self._config = config
         self._topic = results_topic
         self._consumer = Consumer(webhooks_consumer_config(kafka, member_id, config.start_from))
-        self._http = httpx.Client(timeout=config.timeout_s, follow_redirects=False)
+        self._http = httpx.Client(timeout=config.timeout_s, follow_redirects=False,
+                                  limits=httpx.Limits(max_connections=config.concurrency))  # fmt: skip
+        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="gateway-webhook")
+        # Per partition, its records in offset order with their delivery (None: nothing to send).
+        self._pending: dict[int, deque[tuple[int, Future | None]]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.assigned = threading.Event()  # the group gave this member partitions
+        self._count_lock = threading.Lock()
         self.delivered = 0
         self.given_up = 0
 
     def start(self) -> None:
-        self._consumer.subscribe([self._topic], on_assign=lambda _consumer, _partitions: self.assigned.set())
+        self._consumer.subscribe([self._topic], on_assign=lambda _consumer, _partitions: self.assigned.set(),
+                                 on_revoke=self._forget, on_lost=self._forget)  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="gateway-webhooks", daemon=True)
         self._thread.start()
         log.info("webhooks.started", topic=self._topic)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop.set()  # deliveries waiting to retry give up at once, uncommitted
         if self._thread is not None:
             self._thread.join(self._config.timeout_s + 5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._store_finished()
         self._consumer.close()  # commits the offsets stored so far
         self._http.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                self._wait_for_room()
                 message = self._consumer.poll(POLL_S)
-                if message is None or message.error() is not None:
-                    continue
-                self._handle(message)
-                self._consumer.store_offsets(message=message)  # committed in the background
-            except _Stopping:
-                return  # not committed: the partition's next owner sends it
+                if message is not None and message.error() is None:
+                    self._pending.setdefault(message.partition(), deque()).append(
+                        (message.offset(), self._dispatch(message)))
+                self._store_finished()
             except KafkaException as exc:  # the broker is away: librdkafka reconnects
                 log.warning("webhooks.kafka_error", error=str(exc))
                 self._stop.wait(1.0)
             except Exception:  # one bad record must not stop every webhook
                 log.exception("webhooks.handle_failed")
 
-    def _handle(self, message: Message) -> None:
+    def _wait_for_room(self) -> None:
+        """Read no further while ``concurrency`` webhooks are being sent (bounded: each delivery
+        ends within its attempts' timeouts and backoffs, well inside max.poll.interval.ms)."""
+        while not self._stop.is_set():
+            running = [future for records in self._pending.values() for _, future in records
+                       if future is not None and not future.done()]  # fmt: skip
+            if len(running) < self._config.concurrency:
+                return
+            wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
+
+    def _dispatch(self, message: Message) -> Future | None:
+        """Start sending the record's webhook; None when it has none to send."""
         if terminal_status(message.headers()) is None:
-            return  # only final answers are sent
+            return None  # only final answers are sent
         try:
             event = StatusEvent.from_bytes(message.value())
         except ValidationError:
             log.warning("webhooks.bad_record", offset=message.offset())
-            return
+            return None
         if event.webhook is None:
-            return
+            return None
+        return self._pool.submit(self._deliver_for_job, event)
+
+    def _deliver_for_job(self, event: StatusEvent) -> bool:
         with structlog.contextvars.bound_contextvars(job_id=event.job_id):
-            self.deliver(event)
+            return self.deliver(event)
+
+    def _store_finished(self) -> None:
+        """Per partition, move the stored offset past the records whose webhook is settled, in
+        order: a record still being sent holds back the ones after it, done or not."""
+        settled: list[TopicPartition] = []
+        for partition, records in self._pending.items():
+            last = None
+            while records and _settled(records[0][1]):
+                last, _ = records.popleft()
+            if last is not None:
+                settled.append(TopicPartition(self._topic, partition, last + 1))
+        if settled:
+            self._consumer.store_offsets(offsets=settled)  # committed in the background
+
+    def _forget(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Revoked or lost: what is settled is stored (revocation commits it); the rest is the
+        next owner's to send, so its deliveries here no longer count for this member."""
+        self._store_finished()
+        for tp in partitions:
+            self._pending.pop(tp.partition, None)
 
     def deliver(self, event: StatusEvent) -> bool:
         """POST ``event`` to its webhook, retried; True when the receiver took it."""
@@ -139,10 +184,12 @@ class WebhookDispatcher:
             check_target(url, self._config.allow_private_targets)
             self._with_retries(lambda: self._post(url, event))
         except (TargetRefused, DeliveryFailed) as exc:
-            self.given_up += 1
+            with self._count_lock:
+                self.given_up += 1
             log.warning("webhooks.given_up", url=_redacted(url), error=str(exc))
             return False
-        self.delivered += 1
+        with self._count_lock:
+            self.delivered += 1
         log.info("webhooks.delivered", url=_redacted(url), status=event.status.value)
         return True
 
@@ -186,6 +233,11 @@ class WebhookDispatcher:
 
 class _Stopping(Exception):
     """The gateway stops during a retry's wait: leave the webhook uncommitted for the next owner."""
+
+
+def _settled(delivery: Future | None) -> bool:
+    """Nothing to send, or sent or given up on; a delivery cut short by a stop is not settled."""
+    return delivery is None or (delivery.done() and not delivery.cancelled() and delivery.exception() is None)
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -27,7 +27,7 @@ SECRET = "whsec_" + base64.b64encode(b"a-32-byte-secret-for-the-tests!!").decode
 class Receiver:
     """A loopback HTTP server answering each POST with the next planned status (200 after them)."""
 
-    def __init__(self, statuses: list[int] | None = None) -> None:
+    def __init__(self, statuses: list[int] | None = None, hold: threading.Event | None = None) -> None:
         self.requests: list[tuple[dict[str, str], bytes]] = []
         planned = list(statuses or [])
         received = self.requests
@@ -36,6 +36,8 @@ class Receiver:
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = self.rfile.read(int(self.headers["content-length"]))
                 received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                if hold is not None:
+                    hold.wait(30)  # a slow receiver: answers once the test lets it
                 self.send_response(planned.pop(0) if planned else 200)
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -55,11 +57,17 @@ class Receiver:
 def receiver():
     made = []
 
-    def make(statuses: list[int] | None = None) -> Receiver:
-        made.append(Receiver(statuses))
+    holds = []
+
+    def make(statuses: list[int] | None = None, hold: threading.Event | None = None) -> Receiver:
+        made.append(Receiver(statuses, hold))
+        holds.append(hold)
         return made[-1]
 
     yield make
+    for hold in holds:
+        if hold is not None:
+            hold.set()
     for server in made:
         server.close()
 
@@ -148,6 +156,40 @@ def test_a_receiver_that_keeps_failing_is_given_up_and_the_offset_committed(pipe
     partitions = [TopicPartition(pipeline.settings.topics.results, p) for p in range(2)]
     assert wait_until(lambda: sum(max(tp.offset, 0) for tp in reader.committed(partitions, timeout=5)) >= 1)
     reader.close()
+
+
+def committed_total(pipeline) -> int:
+    group = f"{pipeline.settings.kafka.group_id}-webhooks"
+    reader = Consumer({"bootstrap.servers": pipeline.settings.kafka.bootstrap_servers, "group.id": group})
+    try:
+        partitions = [TopicPartition(pipeline.settings.topics.results, p) for p in range(2)]
+        return sum(max(tp.offset, 0) for tp in reader.committed(partitions, timeout=5))
+    finally:
+        reader.close()
+
+
+def test_a_slow_receiver_holds_up_neither_other_webhooks_nor_loses_its_own(pipeline, receiver, dispatcher):
+    hold = threading.Event()
+    slow, fast = receiver(hold=hold), receiver()
+    made = dispatcher(concurrency=4, timeout_s=2)
+    wait_assigned(made)
+    before = committed_total(pipeline)
+
+    publish(pipeline, "slow-1", Status.SUCCEEDED, slow.url)
+    assert wait_until(lambda: len(slow.requests) == 1)
+    for index in range(3):  # keyed by job id: some land behind the slow one on its partition
+        publish(pipeline, f"fast-{index}", Status.SUCCEEDED, fast.url)
+
+    assert wait_until(lambda: len(fast.requests) == 3, timeout_s=10)  # while slow-1 is still unanswered
+    assert made.delivered == 3 and not hold.is_set()
+    # The gateway stops with slow-1 in flight: its offset, and those after it on its partition, stay
+    # uncommitted; the next member sends it again, and only it.
+    made.stop()
+    hold.set()
+    assert committed_total(pipeline) - before < 4
+    again = dispatcher()
+    assert wait_until(lambda: again.delivered >= 1, timeout_s=30)
+    assert [headers["webhook-id"] for headers, _ in slow.requests].count("slow-1:succeeded") == 2
 
 
 def test_a_client_error_is_not_retried(pipeline, receiver, dispatcher):
