@@ -41,6 +41,9 @@ class KafkaConfig(_Section):
     static_membership: bool = False
     # Extra librdkafka settings for every client (security.protocol, sasl.*, ssl.*, client.rack).
     client_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # MSK IAM access control: the cluster's region. Every client then signs in over SASL_SSL with
+    # OAUTHBEARER tokens signed by the instance role's credentials (docs/kafka.md).
+    msk_iam_region: str | None = Field(None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
 
 
 class TopicsConfig(_Section):

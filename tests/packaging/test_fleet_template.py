@@ -117,3 +117,33 @@ def test_the_checker_runs_without_the_project_installed(tmp_path):
         [sys.executable, "-I", str(CHECK), str(FLEET)], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("kafka_auth", ["plaintext", "tls", "msk-iam"])
+def test_the_settings_the_launch_templates_write_are_ones_the_agent_accepts(monkeypatch, tmp_path, kafka_auth):
+    """site.env as each KafkaAuth choice writes it: real config keys with valid values, together."""
+    import re
+
+    from sdagent.config import load_settings
+
+    text = FLEET.read_text()
+    lines = set(re.findall(r"(SDAGENT_[A-Z_]+)=([^\s\"'{][^\s\"']*)", text))
+    lines |= set(re.findall(r"'(SDAGENT_[A-Z_]+)=(\{[^']*\})'", text))  # the JSON client configs
+    placeholders = {"${AWS::Region}": "eu-west-1", "${AWS::StackName}": "fleet", "${KafkaBootstrapServers}":
+                    "b-1.msk.example:9098", "${ConsumerGroup}": "sdagent", "${JobsTopic}": "sdagent.jobs",
+                    "${OutputsBucket}": "outputs-bucket", "${OutputsPrefix}": "outputs",
+                    "${CloudFrontDomain}": "d1.cloudfront.net"}  # fmt: skip
+    chosen = {"plaintext": set(), "tls": {"SDAGENT_KAFKA__CLIENT_CONFIG"}, "msk-iam": {"SDAGENT_KAFKA__MSK_IAM_REGION"}}
+    alternatives = set().union(*chosen.values())
+    for name, value in sorted(lines):
+        if name in alternatives and name not in chosen[kafka_auth]:
+            continue
+        for placeholder, example in placeholders.items():
+            value = value.replace(placeholder, example)
+        assert "${" not in value, f"{name}: no example for {value}"
+        monkeypatch.setenv(name, value)
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    kafka = load_settings(config).kafka  # raises ConfigError naming the key when the template is wrong
+    assert (kafka.msk_iam_region == "eu-west-1") is (kafka_auth == "msk-iam")
+    assert kafka.client_config == ({"security.protocol": "SSL"} if kafka_auth == "tls" else {})
