@@ -8,12 +8,14 @@ module below receives only the section it needs. A bad value raises :class:`Conf
 
 from __future__ import annotations
 
+import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from sdagent.errors import ConfigError
 from sdagent.jobs import TOPIC_PATTERN, Limits
@@ -22,6 +24,7 @@ from sdagent.gateway.config import GatewayConfig
 from sdagent.metrics.config import MetricsConfig
 
 DEFAULT_CONFIG_PATH = Path("/etc/sdagent/sdagent.toml")
+ENV_PREFIX = "SDAGENT_"
 
 
 class _Section(BaseModel):
@@ -238,7 +241,7 @@ class _FileAndEnvironment(BaseSettings, Settings):
     """Settings read from the file's values (as init values) and ``SDAGENT_*`` variables."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SDAGENT_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
     )
 
     @classmethod
@@ -270,6 +273,21 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         error = exc.errors(include_url=False)[0]
         key = ".".join(str(part) for part in error["loc"]) or "(config)"
         raise ConfigError(key, f"{error['msg']} (got {error.get('input')!r})") from None
+    except SettingsError as exc:  # an SDAGENT_* value that should be JSON (a table or a list) is not
+        raise _bad_json_variable(exc) from None
+
+
+def _bad_json_variable(error: SettingsError) -> ConfigError:
+    """Name the variable whose value is not JSON: pydantic-settings names only the section."""
+    for name, value in sorted(os.environ.items()):
+        if not name.upper().startswith(ENV_PREFIX) or not value.lstrip().startswith(("{", "[")):
+            continue
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            key = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            return ConfigError(key, f"{name} is not valid JSON: {exc}")
+    return ConfigError("(environment)", str(error))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

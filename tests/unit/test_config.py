@@ -63,6 +63,17 @@ def test_bad_environment_value_names_the_key(monkeypatch):
     assert caught.value.key == "retry.max_attempts"
 
 
+@pytest.mark.parametrize("name, value, key", [
+    ("SDAGENT_KAFKA__CLIENT_CONFIG", '{"security.protocol": SSL}', "kafka.client_config"),
+    ("SDAGENT_BACKEND__MODELS", '["sd15.safetensors",', "backend.models"),
+])
+def test_an_environment_value_that_is_not_json_names_its_key(monkeypatch, name, value, key):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert caught.value.key == key and name in str(caught.value)
+
+
 def test_missing_or_broken_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_settings(tmp_path / "absent.toml")
