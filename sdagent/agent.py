@@ -14,7 +14,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import psutil
 import structlog
@@ -80,6 +81,7 @@ class Agent:
             else None
         )
         self._cache_watcher: ManifestWatcher | None = None
+        self._prewarm: Future[PrewarmReport] | None = None
         self._drain_lock = threading.Lock()
         self._drain_reason = "stop requested"
         self.drain_deadline: float | None = None  # time.monotonic() value set by a notice
@@ -133,7 +135,7 @@ class Agent:
         """
         if self._metrics is not None:
             self._metrics.start()  # returns at once; NVML starts on the metrics thread
-        prewarm = self._start_prewarm()  # overlaps the WebUI's start-up
+        prewarm = self._prewarm = self._start_prewarm()  # overlaps the WebUI's start-up
         if self._supervisor is not None:
             self._launch_supervised()
             ready_timeout_s = self._settings.backend.process.ready_timeout_s
@@ -248,6 +250,11 @@ class Agent:
         """Make a drain in progress release the job in flight now."""
         self._forced.set()
 
+    @property
+    def prewarm_running(self) -> bool:
+        """A prewarm was left running by a stop during start-up."""
+        return self._prewarm is not None and not self._prewarm.done()
+
     def stop(self) -> None:
         """Leave the group, close the readers and send what is queued; reverse of :meth:`start`."""
         for name, step in (
@@ -290,12 +297,19 @@ class Agent:
         if self._cache is None:
             return None
         config = self._settings.cache
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-prewarm")
-        future = pool.submit(
-            self._cache.prewarm, config.prewarm, most_used=config.prewarm_most_used,
-            concurrency=config.prewarm_concurrency,
-        )  # fmt: skip
-        pool.shutdown(wait=False)  # the thread ends with the prewarm
+        future: Future[PrewarmReport] = Future()
+
+        def prewarm() -> None:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(self._cache.prewarm(config.prewarm, most_used=config.prewarm_most_used,
+                                                      concurrency=config.prewarm_concurrency))  # fmt: skip
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        # Its own thread: start() waits for it in slices, so a stop during a long prewarm is seen.
+        threading.Thread(target=prewarm, name="cache-prewarm", daemon=True).start()
+        log.info("agent.prewarm_started", models=config.prewarm, most_used=config.prewarm_most_used)
         return future
 
     def _finish_prewarm(self, prewarm: Future[PrewarmReport] | None, ready_timeout_s: float) -> str:
@@ -305,7 +319,10 @@ class Agent:
         if prewarm is None:
             return ""
         try:
-            report = prewarm.result()
+            report = self._wait_for(prewarm)
+            if report is None:
+                log.warning("agent.prewarm_abandoned", reason=self._drain_reason)  # stopping
+                return ""
         except Exception:  # a bug in prewarm must not keep a healthy instance from serving
             log.exception("cache.prewarm_crashed")
             self._models.request_rescan()
@@ -319,6 +336,15 @@ class Agent:
         failed = [result.name for result in report.failed]
         log.warning("agent.prewarm_incomplete", failed=failed, errors=[result.error for result in report.failed])
         return f"; prewarm failed for {len(failed)} of {len(report.results)} models: {', '.join(failed)}"
+
+    def _wait_for(self, prewarm: Future[PrewarmReport]) -> PrewarmReport | None:
+        """The prewarm's report, or None once a stop is requested (a notice during boot)."""
+        while True:
+            try:
+                return prewarm.result(timeout=BACKEND_READY_POLL_S)
+            except FutureTimeout:
+                if self.stopping.is_set():
+                    return None
 
     def _show_prewarmed(self, models: list[str], deadline: float) -> None:
         """Once the WebUI answers, have it rescan its folders; if it has no model loaded (its only
@@ -375,9 +401,12 @@ class Agent:
         supervisor.start()
 
     def _wait_supervised_ready(self, deadline: float) -> None:
-        if not self._supervisor.wait_ready(max(0.0, deadline - time.monotonic())):
-            timeout_s = self._settings.backend.process.ready_timeout_s
-            raise BackendUnavailable(f"WebUI not ready after {timeout_s} s: {self._supervisor.ready_reason}")
+        while not self._supervisor.wait_ready(min(BACKEND_READY_POLL_S, max(0.0, deadline - time.monotonic()))):
+            if self.stopping.is_set():
+                return  # start() sees the stop and does not consume
+            if time.monotonic() >= deadline:
+                timeout_s = self._settings.backend.process.ready_timeout_s
+                raise BackendUnavailable(f"WebUI not ready after {timeout_s} s: {self._supervisor.ready_reason}")
         log.info("backend.ready", backend=self._backend.name, supervised=True)
 
     def _wait_backend_ready(self, deadline: float, timeout_s: float) -> None:
@@ -388,7 +417,8 @@ class Agent:
                 return
             if time.monotonic() >= deadline:
                 raise BackendUnavailable(f"backend {self._backend.name} not ready after {timeout_s} s: {health.detail}")
-            time.sleep(BACKEND_READY_POLL_S)
+            if self.stopping.wait(BACKEND_READY_POLL_S):
+                return  # start() sees the stop and does not consume
 
 
 class _Protection:

@@ -201,7 +201,20 @@ def _run(args: argparse.Namespace) -> int:
         if watcher is not None:
             watcher.stop()
         agent.stop()
+    if agent.prewarm_running:
+        _exit_without_waiting_for_the_prewarm()
     return ExitCode.OK
+
+
+def _exit_without_waiting_for_the_prewarm() -> None:
+    """Stopped during boot (a spot notice, a scale-in): the agent is stopped, but the prewarm's
+    threads (the cache's pool, boto3's transfer threads) would hold the interpreter's exit until
+    their downloads end, minutes for a large model. The partial download resumes at the next start;
+    the cache's state file only ever changes by an atomic rename; the kernel drops the locks."""
+    structlog.get_logger(__name__).warning("agent.exit_during_prewarm")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(ExitCode.OK)
 
 
 def _open_model_cache(settings: Settings, build_model_cache):

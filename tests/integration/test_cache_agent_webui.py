@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -152,6 +153,31 @@ def test_a_fresh_instance_prewarms_loads_a_store_model_and_only_then_takes_work(
     assert "READY=1" in ready and "prewarm failed for 1 of 2 models: absent.safetensors" in ready
     first_index(ready_log, "agent.prewarmed_model_loaded", model=STAGED)
     first_index(ready_log, "agent.prewarm_incomplete", failed=["absent.safetensors"])
+
+
+def test_a_stop_during_a_long_prewarm_leaves_at_once_without_taking_work(pipeline, store, tmp_path):
+    cache_dir = tmp_path / "cache"
+    queued = pipeline.client.submit(job(STAGED, "left-for-the-fleet"))
+    # The prewarm waits for a download another process holds: as long as a large model from S3.
+    with gated_download(cache_dir, store, STAGED):
+        config = pipeline.config | {
+            "backend": webui("a1111", free_loopback_port(), cache_dir, []),
+            "cache": {"source": str(store), "dir": str(cache_dir), "prewarm": [STAGED]},
+        }
+        agent = spawn_agent(config, tmp_path, "agent-stopped")
+        log_path = tmp_path / "agent-stopped.log"
+        assert wait_until(lambda: log_path.exists() and "agent.prewarm_started" in log_path.read_text(), timeout_s=60)
+        agent.send_signal(signal.SIGTERM)  # a spot notice or a scale-in during boot
+        code = agent.wait(15)  # not the prewarm's time: the download is still held
+
+    assert code == 0
+    log = log_events(log_path)
+    # Stopped cleanly, then out without waiting for the held download (its threads would have).
+    assert first_index(log, "agent.prewarm_abandoned") < first_index(log, "agent.stopped") < first_index(
+        log, "agent.exit_during_prewarm")
+    assert not any(event.get("event") == "intake.subscribed" for event in log)  # never joined the group
+    events = pipeline.events(queued.job_id, timeout_s=2)
+    assert not any(event.status.is_terminal for event in events)  # the job waits for another agent
 
 
 @contextlib.contextmanager
