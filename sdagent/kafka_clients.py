@@ -114,7 +114,7 @@ def ledger_reader_config(kafka: KafkaConfig) -> dict[str, Any]:
 
     With librdkafka's defaults (fetch.min.bytes=1) every record produced to the results topic ends
     the ledger's waiting fetch at the broker and a new one is sent: a request per record per agent,
-    and the results topic gets three records a job. The ledger needs no record at once: it is read
+    and the results topic gets two or three records a job. The ledger needs no record at once: it is read
     before a redelivered job runs (the catch-up waits for it) and for cancel requests. So the
     broker answers once it has LEDGER_FETCH_MIN_BYTES or after LEDGER_FETCH_WAIT_MS, whichever
     comes first: a cancel or a catch-up waits at most that long more (docs/kafka.md).

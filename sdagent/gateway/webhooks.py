@@ -92,6 +92,7 @@ class WebhookDispatcher:
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="gateway-webhook")
         # Per partition, its records in offset order with their delivery (None: nothing to send).
         self._pending: dict[int, deque[tuple[int, Future | None]]] = {}
+        self._sending: set[Future] = set()  # deliveries not yet ended, whatever their partition
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.assigned = threading.Event()  # the group gave this member partitions
@@ -133,12 +134,9 @@ class WebhookDispatcher:
     def _wait_for_room(self) -> None:
         """Read no further while ``concurrency`` webhooks are being sent (bounded: each delivery
         ends within its attempts' timeouts and backoffs, well inside max.poll.interval.ms)."""
-        while not self._stop.is_set():
-            running = [future for records in self._pending.values() for _, future in records
-                       if future is not None and not future.done()]  # fmt: skip
-            if len(running) < self._config.concurrency:
-                return
-            wait(running, timeout=POLL_S, return_when=FIRST_COMPLETED)
+        while not self._stop.is_set() and len(self._sending) >= self._config.concurrency:
+            # Not a scan of _pending: behind a stuck receiver it holds every record read since.
+            wait(list(self._sending), timeout=POLL_S, return_when=FIRST_COMPLETED)
 
     def _dispatch(self, message: Message) -> Future | None:
         """Start sending the record's webhook; None when it has none to send."""
@@ -151,7 +149,10 @@ class WebhookDispatcher:
             return None
         if event.webhook is None:
             return None
-        return self._pool.submit(self._deliver_for_job, event)
+        delivery = self._pool.submit(self._deliver_for_job, event)
+        self._sending.add(delivery)
+        delivery.add_done_callback(self._sending.discard)  # on the pool's thread, or here if done
+        return delivery
 
     def _deliver_for_job(self, event: StatusEvent) -> bool:
         with structlog.contextvars.bound_contextvars(job_id=event.job_id):
