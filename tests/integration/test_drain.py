@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -20,7 +21,25 @@ def start_process_agents(pipeline, tmp_path, names, **agent_settings):
             "backend": {**pipeline.config["backend"], "step_latency_s": 0.1},
         }
         processes[name] = spawn_agent(config, tmp_path, name)
+    # Jobs are submitted only once the group has settled: a job taken by the first member to join
+    # and then moved to the second would be released "revoked", not by the drain under test.
+    partitions = pipeline.settings.topics.jobs_partitions
+    assert wait_until(lambda: held_partitions(tmp_path, names) == partitions, timeout_s=60)
     return processes
+
+
+def held_partitions(tmp_path, names) -> int | None:
+    """Partitions held by the agents together, from each one's latest assignment log line; None
+    while one of them holds none."""
+    totals = []
+    for name in names:
+        path = tmp_path / f"{name}.log"
+        lines = [json.loads(line) for line in (path.read_text().splitlines() if path.exists() else ())
+                 if '"intake.assigned"' in line or '"intake.revoked"' in line]  # fmt: skip
+        if not lines or not lines[-1]["total"]:
+            return None
+        totals.append(lines[-1]["total"])
+    return sum(totals)
 
 
 def started_by(pipeline, job_id):
