@@ -1,7 +1,7 @@
 """WebUI adapters against the simulator: supervised start-up time and per-job adapter overhead.
 
 For each backend kind (``a1111``, ``comfyui``) the WebUI is the simulator (``sdagent sim``),
-launched as a child by :class:`~sdagent.supervisor.WebUISupervisor` exactly as the agent builds it
+launched as a child by :class:`~sdagent.webui.supervisor.WebUISupervisor` exactly as the agent builds it
 (``build_backend`` + ``WebUISupervisor.for_backend``) from a ``[backend]`` section shaped like the
 integration tests' (``tests/integration/test_webui_e2e.py``). Everything is on loopback.
 
@@ -57,11 +57,11 @@ from pathlib import Path
 from typing import Any
 
 from common import emit, percentile, say, setup, summary
-from sdagent.assembly import build_backend
+from sdagent.agent.build import build_backend
 from sdagent.config import BackendConfig
 from sdagent.devstack.kafka import free_loopback_port
 from sdagent.jobs import Job
-from sdagent.supervisor import PROBE_INTERVAL_S, WebUISupervisor
+from sdagent.webui.supervisor import PROBE_INTERVAL_S, WebUISupervisor
 
 KINDS = ("a1111", "comfyui")
 MODEL = "sd15.safetensors"

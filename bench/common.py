@@ -31,7 +31,7 @@ from sdagent.devstack.moto import MotoServer, aws_client
 from sdagent.devstack.stack import local_aws_environment
 from sdagent.jobs import Job, StatusEvent
 from sdagent.logs import configure_logging
-from sdagent.publisher import STATUS_HEADER
+from sdagent.kafka.records import STATUS_HEADER
 
 MODEL = "sd15.safetensors"  # the simulated backend's first model: loaded once, never switched
 # One prompt and one seed for every job: the simulated backend's encode cache then hands back the

@@ -38,7 +38,7 @@ from sdagent.metrics.clock import ScaledClock
 from sdagent.metrics.cloudwatch import CloudWatchSink, cloudwatch_client
 from sdagent.metrics.config import MetricsConfig
 from sdagent.metrics.dimensions import InstanceIdentity
-from sdagent.metrics.fake_nvml import REALISTIC_CALL_COSTS_S, FakeNvml
+from sdagent.gpu.fake import REALISTIC_CALL_COSTS_S, FakeNvml
 from sdagent.metrics.jobs import JobMetrics
 from sdagent.metrics.nvml import GpuSampler
 from sdagent.metrics.publisher import MetricsPublisher

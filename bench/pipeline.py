@@ -77,7 +77,7 @@ RAW_RUN_LIMIT_S = 60.0
 STALL_MS = 100.0  # an idle gap between two jobs longer than this counts as a stall
 GOAL_P99_MS = 20.0
 GOAL_RATIO = 0.5
-# Same client settings the agent's output store uses (sdagent.assembly), so both sides make the
+# Same client settings the agent's output store uses (sdagent.agent.build), so both sides make the
 # same kind of request.
 S3_CONFIG = BotoConfig(
     signature_version="s3v4", retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5, read_timeout=60

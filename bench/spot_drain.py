@@ -50,7 +50,7 @@ from common import Services, agent_log_tail, bench_job, emit, say, setup, stop_a
 from sdagent.devstack.fake_imds import FakeImds
 from sdagent.devstack.stack import ensure_topics, settings_from, spawn_agent, stack_config
 from sdagent.jobs import Status, StatusEvent
-from sdagent.publisher import STATUS_HEADER
+from sdagent.kafka.records import STATUS_HEADER
 
 BUCKET = "sdagent-bench-spot"
 JOBS_PARTITIONS = 4

@@ -157,8 +157,8 @@ def _gateway_hash_key(_args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sdagent.agent import Agent
-    from sdagent.assembly import (
+    from sdagent.agent.agent import Agent
+    from sdagent.agent.build import (
         build_backend,
         build_inputs,
         build_lifecycle,
@@ -170,7 +170,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     from sdagent.cache.assembly import build_model_cache
     from sdagent.heap import freeze_startup_heap
-    from sdagent.systemd import from_environment as systemd_notifier
+    from sdagent.lifecycle.systemd import from_environment as systemd_notifier
 
     settings = _settings(args)
     configure_logging(settings.logging.format, settings.logging.level)
@@ -226,14 +226,14 @@ def _open_model_cache(settings: Settings, build_model_cache):
 
 
 def _imds_client(settings: Settings):
-    from sdagent.imds import ImdsClient, endpoint_from_environment
+    from sdagent.lifecycle.imds import ImdsClient, endpoint_from_environment
 
     endpoint = endpoint_from_environment(os.environ) if settings.imds.enabled else None
     return None if endpoint is None else ImdsClient(endpoint)
 
 
 def _identity(imds_client):
-    from sdagent.imds import ImdsError, instance_identity
+    from sdagent.lifecycle.imds import ImdsError, instance_identity
 
     try:
         return instance_identity(imds_client)
@@ -244,7 +244,7 @@ def _identity(imds_client):
 
 def _gpu_lost(agent_ref: list, settings: Settings) -> None:
     """A GPU that is lost will not come back: take no more work and have the group replace us."""
-    from sdagent.assembly import mark_unhealthy
+    from sdagent.agent.build import mark_unhealthy
 
     agent_ref[0].hold("gpu_lost")
     mark_unhealthy(settings)
@@ -252,9 +252,9 @@ def _gpu_lost(agent_ref: list, settings: Settings) -> None:
 
 def _watch_notices(imds_client, settings: Settings, agent):
     """Act on what IMDS says already (a restart mid-drain must not take work), then keep watching."""
-    from sdagent.imds import ImdsError
-    from sdagent.interruptions import InterruptionPolicy
-    from sdagent.notices import NoticeWatcher
+    from sdagent.lifecycle.imds import ImdsError
+    from sdagent.lifecycle.interruptions import InterruptionPolicy
+    from sdagent.lifecycle.notices import NoticeWatcher
 
     policy = InterruptionPolicy(agent, rebalance=settings.imds.rebalance, rebalance_hold_s=settings.imds.rebalance_hold_s)
     watcher = NoticeWatcher(imds_client, settings.imds.interval_s, on_notice=policy)
@@ -339,8 +339,8 @@ def _schema(_args: argparse.Namespace) -> int:
 def _topics_create(args: argparse.Namespace) -> int:
     from confluent_kafka.admin import AdminClient
 
-    from sdagent.kafka_clients import admin_config
-    from sdagent.topics import create_topics
+    from sdagent.kafka.clients import admin_config
+    from sdagent.kafka.topics import create_topics
 
     settings = _settings(args)
     configure_logging(settings.logging.format, settings.logging.level)

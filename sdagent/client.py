@@ -27,12 +27,12 @@ from typing import Any
 import structlog
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from sdagent.affinity import job_headers, job_key
+from sdagent.kafka.records import job_headers, job_key
 from sdagent.config import KafkaConfig, TopicsConfig
-from sdagent.delivery import Deliveries
+from sdagent.kafka.acks import Deliveries
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent
-from sdagent.kafka_clients import producer_config, reader_config, with_metadata_retries
+from sdagent.kafka.clients import producer_config, reader_config, with_metadata_retries
 
 log = structlog.get_logger(__name__)
 

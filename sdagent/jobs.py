@@ -104,7 +104,7 @@ class OutputSpec(BaseModel):
 
     format: OutputFormat | None = None  # default: png for images, mp4 for video
     prefix: str | None = Field(None, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9/._=-]*$")
-    filename: str | None = Field(None, max_length=256)  # template, see sdagent.outputs
+    filename: str | None = Field(None, max_length=256)  # template, see sdagent.storage.outputs
 
 
 class Webhook(BaseModel):

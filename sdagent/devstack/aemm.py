@@ -31,7 +31,7 @@ import structlog
 
 from sdagent.devstack.kafka import die_with_parent, exclusive_lock, free_loopback_port
 from sdagent.devstack.process import stop_group, wait_until_answering
-from sdagent.imds import TOKEN_PATH, TOKEN_TTL_HEADER
+from sdagent.lifecycle.imds import TOKEN_PATH, TOKEN_TTL_HEADER
 
 log = structlog.get_logger(__name__)
 

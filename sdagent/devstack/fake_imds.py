@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from sdagent.imds import MAX_TOKEN_TTL_S, TOKEN_HEADER, TOKEN_PATH, TOKEN_TTL_HEADER
-from sdagent.notices import (
+from sdagent.lifecycle.imds import MAX_TOKEN_TTL_S, TOKEN_HEADER, TOKEN_PATH, TOKEN_TTL_HEADER
+from sdagent.lifecycle.notices import (
     LIFECYCLE_PATH,
     MAINTENANCE_PATH,
     MAINTENANCE_TIME_FORMAT,

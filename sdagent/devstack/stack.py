@@ -22,8 +22,8 @@ from confluent_kafka.admin import AdminClient
 from sdagent.config import Settings, load_settings
 from sdagent.devstack.kafka import die_with_parent
 from sdagent.errors import ExitCode
-from sdagent.kafka_clients import admin_config
-from sdagent.topics import create_topics
+from sdagent.kafka.clients import admin_config
+from sdagent.kafka.topics import create_topics
 
 log = structlog.get_logger(__name__)
 
@@ -83,8 +83,8 @@ class AgentThread:
     """An agent running in this process, on a thread, on the simulated backend."""
 
     def __init__(self, settings: Settings, backend=None) -> None:
-        from sdagent.agent import Agent
-        from sdagent.assembly import (
+        from sdagent.agent.agent import Agent
+        from sdagent.agent.build import (
             build_backend, build_inputs, build_lifecycle, build_outputs, build_s3_client, checkpoints_dir,
         )  # fmt: skip
         from sdagent.cache.assembly import build_model_cache

@@ -15,12 +15,11 @@ import time
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from sdagent.affinity import job_headers, job_key
 from sdagent.config import KafkaConfig, TopicsConfig
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, Status, StatusEvent
-from sdagent.kafka_clients import producer_config
-from sdagent.publisher import STATUS_HEADER
+from sdagent.kafka.clients import producer_config
+from sdagent.kafka.records import STATUS_HEADER, job_headers, job_key
 
 log = structlog.get_logger(__name__)
 

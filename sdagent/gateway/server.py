@@ -23,7 +23,7 @@ from sdagent.gateway.queue import JobQueue
 from sdagent.gateway.status import StatusView
 from sdagent.gateway.webhooks import WebhookDispatcher
 from sdagent.heap import freeze_startup_heap
-from sdagent.kafka_clients import reader_config
+from sdagent.kafka.clients import reader_config
 
 log = structlog.get_logger(__name__)
 

@@ -22,8 +22,8 @@ from pydantic import ValidationError
 
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Status, StatusEvent
-from sdagent.kafka_clients import with_metadata_retries
-from sdagent.publisher import STATUS_HEADER
+from sdagent.kafka.clients import with_metadata_retries
+from sdagent.kafka.records import STATUS_HEADER
 
 log = structlog.get_logger(__name__)
 

@@ -32,8 +32,8 @@ from pydantic import ValidationError
 from sdagent.config import KafkaConfig
 from sdagent.gateway.config import WebhookConfig, secret_bytes
 from sdagent.jobs import StatusEvent
-from sdagent.kafka_clients import webhooks_consumer_config
-from sdagent.ledger import terminal_status
+from sdagent.kafka.clients import webhooks_consumer_config
+from sdagent.kafka.ledger import terminal_status
 
 log = structlog.get_logger(__name__)
 

@@ -1,7 +1,7 @@
 """Every GPU's health and load, read through NVML behind a seam.
 
 The ``nvml`` argument is the ``pynvml`` module (nvidia-ml-py) or a fake with the same API shape
-(:mod:`sdagent.metrics.fake_nvml`). Failures are sorted by what they mean for the instance:
+(:mod:`sdagent.gpu.fake`). Failures are sorted by what they mean for the instance:
 
 - no library or driver (``LibraryNotFound``, ``DriverNotLoaded``, pynvml not installed): a CPU-only
   box (inf2, a laptop). No GPU metrics; job metrics still go out.

@@ -11,8 +11,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from sdagent.devstack.aemm import AemmServer, ensure_binary
-from sdagent.imds import ImdsClient, InstanceIdentity, instance_identity
-from sdagent.notices import SPOT_PATH, SPOT_WARNING, Notice, NoticeKind, NoticeWatcher
+from sdagent.lifecycle.imds import ImdsClient, InstanceIdentity, instance_identity
+from sdagent.lifecycle.notices import SPOT_PATH, SPOT_WARNING, Notice, NoticeKind, NoticeWatcher
 
 POLL_INTERVAL_S = 0.05
 

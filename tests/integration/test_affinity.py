@@ -8,11 +8,11 @@ import json
 import pytest
 from confluent_kafka import Producer
 
-from sdagent.affinity import MODEL_HEADER, job_key
+from sdagent.kafka.records import MODEL_HEADER, job_key
 from sdagent.client import Client
 from sdagent.devstack.process import wait_until
 from sdagent.jobs import Job, Status
-from sdagent.publisher import StatusPublisher
+from sdagent.kafka.publisher import StatusPublisher
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from sdagent.devstack.process import wait_until
 from sdagent.gateway.config import WebhookConfig
 from sdagent.gateway.webhooks import WebhookDispatcher, check_target, sign, TargetRefused
 from sdagent.jobs import Status, StatusEvent, Webhook
-from sdagent.publisher import StatusPublisher
+from sdagent.kafka.publisher import StatusPublisher
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from sdagent.metrics.clock import ScaledClock
 from sdagent.metrics.cloudwatch import CloudWatchSink, cloudwatch_client
 from sdagent.metrics.datum import Datum
 from sdagent.metrics.dimensions import InstanceIdentity
-from sdagent.metrics.fake_nvml import FakeNvml
+from sdagent.gpu.fake import FakeNvml
 from sdagent.metrics.health import AutoScalingHealth
 from sdagent.metrics.jobs import JobMetrics
 from sdagent.metrics.nvml import GpuSampler

@@ -1,4 +1,4 @@
-"""sdagent.outputs against a real S3 API: the moto server of the session fixtures."""
+"""sdagent.storage.outputs against a real S3 API: the moto server of the session fixtures."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError
 from sdagent.backends.base import Artifact
 from sdagent.errors import OutputError, OutputUnavailable
 from sdagent.jobs import Job
-from sdagent.outputs import OutputStore
+from sdagent.storage.outputs import OutputStore
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from sdagent.backends.base import Health
 from sdagent.config import ProcessConfig
-from sdagent.supervisor import WebUISupervisor
+from sdagent.webui.supervisor import WebUISupervisor
 
 FAKE_WEBUI = Path(__file__).parents[1] / "fixtures" / "fake_webui.py"
 FAST = {"probe_interval_s": 0.05, "hang_grace_s": 0.2}

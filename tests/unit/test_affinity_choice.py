@@ -6,10 +6,10 @@ import collections
 
 import pytest
 
-from sdagent.affinity import MODEL_HEADER, job_headers, job_key, model_of, pick_next
+from sdagent.agent.affinity import pick_next
+from sdagent.kafka.records import MODEL_HEADER, Delivery, job_headers, job_key, model_of
 from sdagent.config import TopicsConfig
 from sdagent.jobs import Job
-from sdagent.runner import Delivery
 
 
 def a_job(model: str, job_id: str) -> Job:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 from confluent_kafka import Consumer
 
-from sdagent.gateway.status import STATUS_HEADER, StatusView
+from sdagent.gateway.status import StatusView
+from sdagent.kafka.records import STATUS_HEADER
 from sdagent.jobs import Status, StatusEvent
 
 

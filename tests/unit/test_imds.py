@@ -9,7 +9,7 @@ import pytest
 
 from sdagent.devstack.fake_imds import FakeImds, Reply
 from sdagent.errors import ConfigError
-from sdagent.imds import (
+from sdagent.lifecycle.imds import (
     DEFAULT_ENDPOINT,
     IPV6_ENDPOINT,
     TOKEN_HEADER,

@@ -8,7 +8,7 @@ import pytest
 
 from sdagent.config import KafkaConfig, load_settings
 from sdagent.errors import ConfigError, KafkaUnavailable
-from sdagent.kafka_clients import (
+from sdagent.kafka.clients import (
     LEDGER_FETCH_WAIT_MS,
     jobs_consumer_config,
     ledger_reader_config,

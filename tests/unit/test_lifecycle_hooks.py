@@ -7,7 +7,7 @@ import pytest
 from botocore.config import Config
 
 from sdagent.devstack.fake_autoscaling import FakeAutoScaling
-from sdagent.lifecycle_hooks import Heartbeater, HookTarget, LifecycleActions
+from sdagent.lifecycle.autoscaling import Heartbeater, HookTarget, LifecycleActions
 
 TARGET = HookTarget(group="gpu-fleet", hook="drain", instance_id="i-0abc")
 

@@ -12,7 +12,7 @@ from sdagent.metrics.cloudwatch import CloudWatchSink
 from sdagent.metrics.config import MetricsConfig
 from sdagent.metrics.dimensions import InstanceIdentity
 from sdagent.metrics.emf import EmfSink
-from sdagent.metrics.fake_nvml import FakeNvml
+from sdagent.gpu.fake import FakeNvml
 
 
 class Mounted(BaseModel):

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from sdagent.metrics import names
 from sdagent.metrics.dimensions import InstanceIdentity
-from sdagent.metrics.fake_nvml import REALISTIC_CALL_COSTS_S, FakeGpu, FakeNvml
+from sdagent.gpu.fake import REALISTIC_CALL_COSTS_S, FakeGpu, FakeNvml
 from sdagent.metrics.gpustats import GpuAggregator
 from sdagent.metrics.nvml import GpuSampler, throttle_flags
 

@@ -11,8 +11,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from sdagent.devstack.fake_imds import FakeImds, Reply, maintenance_event
-from sdagent.imds import TOKEN_PATH, ImdsClient, ImdsUnavailable
-from sdagent.notices import (
+from sdagent.lifecycle.imds import TOKEN_PATH, ImdsClient, ImdsUnavailable
+from sdagent.lifecycle.notices import (
     BACKOFF_MAX_S,
     LIFECYCLE_PATH,
     MAINTENANCE_PATH,

@@ -1,4 +1,4 @@
-"""Output keys, their rejections, link signing and error mapping of sdagent.outputs; no network."""
+"""Output keys, their rejections, link signing and error mapping of sdagent.storage.outputs; no network."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from sdagent.backends.base import Artifact
 from sdagent.errors import ConfigError, OutputError, OutputUnavailable
 from sdagent.jobs import Job, OutputSpec
-from sdagent.outputs import OutputStore
+from sdagent.storage.outputs import OutputStore
 
 NOW = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 PNG = Artifact(b"\x89PNG\r\n\x1a\n" + b"\0" * 32, "image/png", "png", seed=7)

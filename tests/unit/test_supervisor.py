@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 
 from sdagent.backends.base import Health
 from sdagent.config import ProcessConfig
-from sdagent.supervisor import (
+from sdagent.webui.supervisor import (
     OUTPUT_BURST_LINES,
     OUTPUT_LINE_MAX_CHARS,
     RestartPolicy,

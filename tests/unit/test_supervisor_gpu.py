@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from sdagent.gpu import GpuMemoryProbe
+from sdagent.gpu.memory import GpuMemoryProbe
 
 
 class FakeNvml:

@@ -1,4 +1,4 @@
-"""sdagent.systemd against a real datagram socket standing in for systemd's notify socket."""
+"""sdagent.lifecycle.systemd against a real datagram socket standing in for systemd's notify socket."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from sdagent.systemd import Notifier, from_environment
+from sdagent.lifecycle.systemd import Notifier, from_environment
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from sdagent import s3errors
+from sdagent.storage import errors as s3errors
 from sdagent.cache.errors import CacheError, ManifestMissing, ModelCorrupt, ModelNotFound, ModelUnavailable
 from sdagent.cache.manifest import MANIFEST_NAME, Manifest
 from sdagent.cache.ranged import ShortRead, copy_ranges

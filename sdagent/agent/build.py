@@ -11,11 +11,11 @@ from sdagent.backends.base import Backend
 from sdagent.cache.config import CacheConfig
 from sdagent.cache.manifest import KIND_DIRS
 from sdagent.config import BackendConfig, LifecycleConfig, OutputsConfig, Settings
-from sdagent.inputs import InputResolver
-from sdagent.lifecycle_hooks import LifecycleActions
+from sdagent.storage.inputs import InputResolver
+from sdagent.lifecycle.autoscaling import LifecycleActions
 from sdagent.metrics.publisher import MetricsPublisher
-from sdagent.outputs import OutputStore
-from sdagent.supervisor import WebUISupervisor
+from sdagent.storage.outputs import OutputStore
+from sdagent.webui.supervisor import WebUISupervisor
 
 # Retries are the job loop's business (with backoff and a job-level attempt count): botocore
 # retries once more itself for throttling and dropped connections, in its standard mode.
@@ -102,7 +102,7 @@ def build_agent_metrics(settings: Settings, identity, on_gpu_lost) -> MetricsPub
     """The metrics loop for this instance (not started); ``identity`` is IMDS's, or None off EC2."""
     from confluent_kafka.admin import AdminClient
 
-    from sdagent.kafka_clients import admin_config
+    from sdagent.kafka.clients import admin_config
     from sdagent.metrics.assembly import build_metrics
     from sdagent.metrics.dimensions import InstanceIdentity
 

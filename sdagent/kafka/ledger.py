@@ -20,8 +20,8 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import TERMINAL_STATUSES, Status
-from sdagent.kafka_clients import with_metadata_retries
-from sdagent.publisher import STATUS_HEADER
+from sdagent.kafka.clients import with_metadata_retries
+from sdagent.kafka.records import STATUS_HEADER
 
 log = structlog.get_logger(__name__)
 

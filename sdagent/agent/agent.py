@@ -21,24 +21,24 @@ import psutil
 import structlog
 from confluent_kafka import Consumer, Producer
 
-from sdagent.affinity import HotModels
+from sdagent.agent.affinity import HotModels
 from sdagent.backends.base import Backend
 from sdagent.cache.cache import ModelCache, PrewarmReport
 from sdagent.cache.serving import CachedModels
 from sdagent.cache.watch import ManifestWatcher
 from sdagent.config import Settings
 from sdagent.errors import BackendError, BackendUnavailable
-from sdagent.inputs import InputResolver
-from sdagent.intake import Intake
-from sdagent.kafka_clients import jobs_consumer_config, ledger_reader_config, producer_config, reader_config
-from sdagent.ledger import JobLedger
-from sdagent.lifecycle_hooks import Heartbeater, HookTarget, LifecycleActions
+from sdagent.storage.inputs import InputResolver
+from sdagent.agent.intake import Intake
+from sdagent.kafka.clients import jobs_consumer_config, ledger_reader_config, producer_config, reader_config
+from sdagent.kafka.ledger import JobLedger
+from sdagent.lifecycle.autoscaling import Heartbeater, HookTarget, LifecycleActions
 from sdagent.metrics.publisher import MetricsPublisher
-from sdagent.outputs import OutputStore
-from sdagent.publisher import StatusPublisher
-from sdagent.runner import JobRunner
-from sdagent.supervisor import WebUISupervisor
-from sdagent.systemd import Notifier
+from sdagent.storage.outputs import OutputStore
+from sdagent.kafka.publisher import StatusPublisher
+from sdagent.agent.runner import JobRunner
+from sdagent.webui.supervisor import WebUISupervisor
+from sdagent.lifecycle.systemd import Notifier
 
 log = structlog.get_logger(__name__)
 

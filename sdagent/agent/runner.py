@@ -27,11 +27,12 @@ from sdagent.cache.serving import CachedModels, UncachedModels
 from sdagent.config import RetryConfig
 from sdagent.errors import TRANSIENT_ERRORS, BackendUnavailable, JobAborted, JobFailed, JobRejected, KafkaUnavailable
 from sdagent.jobs import Job, Limits, Progress, Status, StatusEvent, parse_job
-from sdagent.inputs import InputResolver
-from sdagent.ledger import JobLedger
+from sdagent.storage.inputs import InputResolver
+from sdagent.kafka.ledger import JobLedger
 from sdagent.metrics.jobs import JobMetrics
-from sdagent.outputs import OutputStore
-from sdagent.publisher import ReplyAddress, SourceRecord, StatusPublisher
+from sdagent.storage.outputs import OutputStore
+from sdagent.kafka.publisher import StatusPublisher
+from sdagent.kafka.records import Delivery, ReplyAddress
 
 log = structlog.get_logger(__name__)
 
@@ -63,33 +64,6 @@ class Outcome(enum.Enum):
     COMMIT = "commit"  # answered, or answered before: move past it
     RELEASED = "released"  # taken back (revoked, drained): another agent runs it
     RETRY_LATER = "retry_later"  # the answer could not be made durable: run it again here
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One record from the jobs topic, as the runner needs it."""
-
-    topic: str
-    partition: int
-    offset: int
-    value: bytes | None
-    timestamp_ms: int | None
-    possibly_redelivered: bool = False  # the first record of a partition after it was assigned
-    model: str | None = None  # from the record's header, for model affinity; None when absent
-
-    @property
-    def record_id(self) -> str:
-        """A stable id for this record: the same on every redelivery."""
-        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"kafka:{self.topic}/{self.partition}/{self.offset}"))
-
-    @property
-    def source(self) -> SourceRecord:
-        return SourceRecord(self.topic, self.partition, self.offset)
-
-    @property
-    def received_at(self) -> datetime:
-        seconds = self.timestamp_ms / 1000 if self.timestamp_ms else time.time()
-        return datetime.fromtimestamp(seconds, timezone.utc)
 
 
 class JobControl:

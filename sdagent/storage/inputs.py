@@ -8,7 +8,7 @@ import base64
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sdagent import s3errors
+from sdagent.storage import errors as s3errors
 from sdagent.errors import InputError, InputUnavailable
 from sdagent.jobs import InitImage, Job
 

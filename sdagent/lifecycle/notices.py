@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from sdagent.imds import TOKEN_PATH, ImdsClient, ImdsError, ImdsResponse, ImdsUnavailable
+from sdagent.lifecycle.imds import TOKEN_PATH, ImdsClient, ImdsError, ImdsResponse, ImdsUnavailable
 
 log = structlog.get_logger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import structlog
 
-from sdagent.notices import Notice, NoticeKind
+from sdagent.lifecycle.notices import Notice, NoticeKind
 
 log = structlog.get_logger(__name__)
 

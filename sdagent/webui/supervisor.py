@@ -34,7 +34,7 @@ import structlog
 
 from sdagent.backends.base import Backend, Health
 from sdagent.config import BackendConfig, ProcessConfig
-from sdagent.gpu import GpuMemoryProbe
+from sdagent.gpu.memory import GpuMemoryProbe
 
 log = structlog.get_logger(__name__)
 
@@ -285,7 +285,7 @@ class WebUISupervisor:
         hang_grace_s: float = HANG_INTERRUPT_GRACE_S,
     ) -> None:
         """``memory_probe`` returns the GPU memory in use in bytes (None when unknown); it defaults to
-        :class:`~sdagent.gpu.GpuMemoryProbe` when ``process.max_gpu_memory_bytes`` is set."""
+        :class:`~sdagent.gpu.memory.GpuMemoryProbe` when ``process.max_gpu_memory_bytes`` is set."""
         self._process = process
         self._probe = probe
         self._expected_models = list(expected_models)

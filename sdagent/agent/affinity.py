@@ -9,51 +9,18 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
 
 import structlog
 from confluent_kafka import KafkaException, Producer
 
-from sdagent.config import TopicsConfig
-from sdagent.jobs import Job
+from sdagent.kafka.records import Delivery
 
-if TYPE_CHECKING:
-    from sdagent.runner import Delivery
 
 log = structlog.get_logger(__name__)
 
-MODEL_HEADER = "sdagent-model"  # lets an agent see a job's model without parsing the JSON
 HOT_MODELS_INTERVAL_S = 60.0
-
-
-def job_key(job: Job, topics: TopicsConfig) -> bytes:
-    """The Kafka key of ``job`` on the jobs topic (the default partitioner hashes it).
-
-    ``jobs_key = "model"``: the model, spread over ``model_lanes`` keys by the job id, so that one
-    hot model fills a few partitions (and agents) rather than one; ``"job_id"``: jobs spread evenly
-    whatever their model.
-    """
-    if topics.jobs_key == "job_id":
-        return job.job_id.encode()
-    if topics.model_lanes == 1:
-        return job.model.encode()
-    lane = zlib.crc32(job.job_id.encode()) % topics.model_lanes
-    return f"{job.model}#{lane}".encode()
-
-
-def job_headers(job: Job) -> list[tuple[str, bytes]]:
-    return [(MODEL_HEADER, job.model.encode())]
-
-
-def model_of(headers: list[tuple[str, bytes]] | None) -> str | None:
-    """The model a jobs-topic record says it needs, from its header; None if it has none."""
-    for name, value in headers or ():
-        if name == MODEL_HEADER and value is not None:
-            return value.decode(errors="replace")
-    return None
 
 
 def pick_next(held: Sequence[Delivery], loaded_model: str | None, passed_over: int, max_passed_over: int) -> int:

@@ -8,39 +8,33 @@ acks=all, and the job's offset is committed only after that.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
 
-from sdagent.affinity import job_headers, job_key
 from sdagent.config import TopicsConfig
-from sdagent.delivery import Deliveries
+from sdagent.kafka.acks import Deliveries
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent
+from sdagent.kafka.records import (
+    AGENT_HEADER,
+    CORRELATION_HEADER,
+    ERROR_HEADER,
+    ERROR_HEADER_MAX_BYTES,
+    JOB_ID_HEADER,
+    REASON_HEADER,
+    REQUEUED_BY_HEADER,
+    SOURCE_OFFSET_HEADER,
+    SOURCE_PARTITION_HEADER,
+    SOURCE_TOPIC_HEADER,
+    STATUS_HEADER,
+    ReplyAddress,
+    SourceRecord,
+    job_headers,
+    job_key,
+)
 
 log = structlog.get_logger(__name__)
 
-STATUS_HEADER = "sdagent-status"
-CORRELATION_HEADER = "correlation_id"
-
-
-@dataclass(frozen=True)
-class ReplyAddress:
-    """Where a sync caller waits: its reply topic (and partition) and its correlation id."""
-
-    topic: str
-    partition: int | None = None
-    correlation_id: str | None = None
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """Where a dead-lettered message came from."""
-
-    topic: str
-    partition: int
-    offset: int
 
 
 class StatusPublisher:
@@ -78,15 +72,15 @@ class StatusPublisher:
     ) -> None:
         """Durably copy a message that could not be run to the dead-letter topic, with why."""
         headers = [
-            ("sdagent-reason", reason.encode()),
-            ("sdagent-error", message.encode()[:4096]),
-            ("sdagent-source-topic", source.topic.encode()),
-            ("sdagent-source-partition", str(source.partition).encode()),
-            ("sdagent-source-offset", str(source.offset).encode()),
-            ("sdagent-agent", self._agent_id.encode()),
+            (REASON_HEADER, reason.encode()),
+            (ERROR_HEADER, message.encode()[:ERROR_HEADER_MAX_BYTES]),
+            (SOURCE_TOPIC_HEADER, source.topic.encode()),
+            (SOURCE_PARTITION_HEADER, str(source.partition).encode()),
+            (SOURCE_OFFSET_HEADER, str(source.offset).encode()),
+            (AGENT_HEADER, self._agent_id.encode()),
         ]
         if job_id:
-            headers.append(("sdagent-job-id", job_id.encode()))
+            headers.append((JOB_ID_HEADER, job_id.encode()))
         deliveries = Deliveries()
         deliveries.expect()
         self._producer.produce(
@@ -103,7 +97,7 @@ class StatusPublisher:
         """Durably put ``job`` back on the jobs topic, keyed as a caller's submission is."""
         deliveries = Deliveries()
         self._produce(self._topics.jobs, None, job_key(job, self._topics), job.model_dump_json(exclude_none=True).encode(),
-                      [*job_headers(job), ("sdagent-requeued-by", self._agent_id.encode())], deliveries)
+                      [*job_headers(job), (REQUEUED_BY_HEADER, self._agent_id.encode())], deliveries)
         self._await(deliveries, f"requeue of job {job.job_id}")
 
     def flush(self, timeout_s: float) -> int:

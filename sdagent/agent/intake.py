@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
-from sdagent.affinity import model_of, pick_next
-from sdagent.runner import Delivery, JobControl, JobRunner, Outcome
+from sdagent.agent.affinity import pick_next
+from sdagent.agent.runner import JobControl, JobRunner, Outcome
+from sdagent.kafka.records import Delivery, model_of
 
 log = structlog.get_logger(__name__)
 

@@ -34,7 +34,7 @@ from botocore.signers import CloudFrontSigner
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from sdagent import s3errors
+from sdagent.storage import errors as s3errors
 from sdagent.backends.base import Artifact
 from sdagent.errors import ConfigError, OutputError, OutputUnavailable
 from sdagent.jobs import Job, OutputLink

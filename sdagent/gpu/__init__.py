@@ -1,0 +1,1 @@
+"""NVML behind one seam, for the WebUI supervisor and the metrics."""

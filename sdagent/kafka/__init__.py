@@ -1,0 +1,1 @@
+"""Kafka: the record format, client settings, acks, the status publisher, the ledger, topics."""

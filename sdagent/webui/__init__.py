@@ -1,0 +1,1 @@
+"""The supervised WebUI process: launch, readiness, restarts, hangs, memory ceilings."""
