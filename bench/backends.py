@@ -57,8 +57,8 @@ from pathlib import Path
 from typing import Any
 
 from common import emit, percentile, say, setup, summary
-from sdagent.agent.build import build_backend
-from sdagent.config import BackendConfig
+from sdagent.backends.config import WebUIBackendConfig
+from sdagent.backends.registry import build_backend, parse_config
 from sdagent.devstack.kafka import free_loopback_port
 from sdagent.jobs import Job
 from sdagent.webui.supervisor import PROBE_INTERVAL_S, WebUISupervisor
@@ -150,14 +150,14 @@ def main() -> None:
 # --- one backend kind --------------------------------------------------------------------------
 
 
-def backend_config(kind: str, port: int, step_latency_s: float) -> BackendConfig:
+def backend_config(kind: str, port: int, step_latency_s: float) -> WebUIBackendConfig:
     """A supervised simulator, as tests/integration/test_webui_e2e.py configures one."""
     command = [
         sys.executable, "-m", "sdagent", "sim", "--port", str(port), "--step-latency-s", str(step_latency_s),
         "--load-latency-s", "0", "--switch-latency-s", "0", "--models", MODEL,
         "--log-format", "json", "--log-level", "info",
     ]  # fmt: skip
-    return BackendConfig.model_validate(
+    config = parse_config(
         {
             "kind": kind,
             "url": f"http://127.0.0.1:{port}",
@@ -169,6 +169,8 @@ def backend_config(kind: str, port: int, step_latency_s: float) -> BackendConfig
                         "env": {"PYTHONUNBUFFERED": "1"}},
         }
     )
+    assert isinstance(config, WebUIBackendConfig)
+    return config
 
 
 def file_launcher(path: Path) -> Callable[..., subprocess.Popen]:
@@ -333,7 +335,7 @@ def generate(backend, supervisor: WebUISupervisor, job: Job) -> tuple[float, Any
 # --- the simulator's side ----------------------------------------------------------------------
 
 
-def sim_request(config: BackendConfig, method: str, path: str) -> dict[str, Any]:
+def sim_request(config: WebUIBackendConfig, method: str, path: str) -> dict[str, Any]:
     request = urllib.request.Request(f"{config.url}{path}", method=method)
     with urllib.request.urlopen(request, timeout=10) as response:
         body = response.read()

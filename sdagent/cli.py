@@ -10,10 +10,9 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from pydantic import ValidationError
@@ -22,6 +21,9 @@ from sdagent.config import DEFAULT_CONFIG_PATH, Settings, load_settings
 from sdagent.errors import ConfigError, ExitCode, KafkaUnavailable, SdagentError
 from sdagent.jobs import describe_validation_error
 from sdagent.logs import configure_logging
+
+if TYPE_CHECKING:
+    from sdagent.agent.controls import Controls
 
 log = structlog.get_logger("sdagent.cli")
 
@@ -157,49 +159,19 @@ def _gateway_hash_key(_args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from sdagent.agent.agent import Agent
-    from sdagent.agent.build import (
-        build_backend,
-        build_inputs,
-        build_lifecycle,
-        build_outputs,
-        build_s3_client,
-        build_agent_metrics,
-        build_supervisor,
-        checkpoints_dir,
-    )
-    from sdagent.cache.assembly import build_model_cache
+    from sdagent.agent.build import build_agent
     from sdagent.heap import freeze_startup_heap
-    from sdagent.lifecycle.systemd import from_environment as systemd_notifier
 
     settings = _settings(args)
     configure_logging(settings.logging.format, settings.logging.level)
-    imds_client = _imds_client(settings)
-    identity = _identity(imds_client) if imds_client is not None else None
-    if settings.agent.instance_id is None:
-        settings.agent.instance_id = identity.instance_id if identity else socket.gethostname()
-    s3 = build_s3_client(settings.outputs)
-    model_cache = _open_model_cache(settings, build_model_cache)
-    backend = build_backend(settings.backend, models_dir=checkpoints_dir(settings.cache))
-    agent_ref: list = []
-    agent = Agent(
-        settings, backend, build_inputs(s3), build_outputs(settings.outputs, s3),
-        supervisor=build_supervisor(settings.backend, backend),
-        lifecycle=build_lifecycle(settings.lifecycle), notifier=systemd_notifier(os.environ),
-        metrics=build_agent_metrics(settings, identity, on_gpu_lost=lambda index, reason: _gpu_lost(agent_ref, settings)),
-        model_cache=model_cache,
-    )
-    agent_ref.append(agent)
-    _install_signal_handlers(agent)
-    watcher = _watch_notices(imds_client, settings, agent) if imds_client is not None else None
+    agent = build_agent(settings, os.environ)
+    _install_signal_handlers(agent.controls)
     try:
         agent.start()
         freeze_startup_heap()  # before the first job: a full GC pass then skips all of start-up
         agent.run()
-        agent.drain(agent.drain_reason, agent.drain_deadline)
+        agent.drain()
     finally:
-        if watcher is not None:
-            watcher.stop()
         agent.stop()
     if agent.prewarm_running:
         _exit_without_waiting_for_the_prewarm()
@@ -217,60 +189,11 @@ def _exit_without_waiting_for_the_prewarm() -> None:
     os._exit(ExitCode.OK)
 
 
-def _open_model_cache(settings: Settings, build_model_cache):
-    """The model cache of ``[cache]``, or None; a directory it cannot create or use is a config error."""
-    try:
-        return build_model_cache(settings.cache)
-    except OSError as exc:
-        raise ConfigError("cache.dir", f"cannot use {settings.cache.dir}: {exc}") from exc
-
-
-def _imds_client(settings: Settings):
-    from sdagent.lifecycle.imds import ImdsClient, endpoint_from_environment
-
-    endpoint = endpoint_from_environment(os.environ) if settings.imds.enabled else None
-    return None if endpoint is None else ImdsClient(endpoint)
-
-
-def _identity(imds_client):
-    from sdagent.lifecycle.imds import ImdsError, instance_identity
-
-    try:
-        return instance_identity(imds_client)
-    except ImdsError as exc:  # not on EC2, or IMDS away: the host name stands in
-        log.warning("imds.identity_unavailable", error=str(exc))
-        return None
-
-
-def _gpu_lost(agent_ref: list, settings: Settings) -> None:
-    """A GPU that is lost will not come back: take no more work and have the group replace us."""
-    from sdagent.agent.build import mark_unhealthy
-
-    agent_ref[0].hold("gpu_lost")
-    mark_unhealthy(settings)
-
-
-def _watch_notices(imds_client, settings: Settings, agent):
-    """Act on what IMDS says already (a restart mid-drain must not take work), then keep watching."""
-    from sdagent.lifecycle.imds import ImdsError
-    from sdagent.lifecycle.interruptions import InterruptionPolicy
-    from sdagent.lifecycle.notices import NoticeWatcher
-
-    policy = InterruptionPolicy(agent, rebalance=settings.imds.rebalance, rebalance_hold_s=settings.imds.rebalance_hold_s)
-    watcher = NoticeWatcher(imds_client, settings.imds.interval_s, on_notice=policy)
-    try:
-        for notice in watcher.check_now():
-            policy(notice)
-    except ImdsError as exc:
-        log.warning("imds.unavailable_at_start", error=str(exc))
-    return watcher.start()
-
-
-def _install_signal_handlers(agent) -> None:
+def _install_signal_handlers(controls: Controls) -> None:
     def on_signal(signum: int, _frame: object) -> None:
-        if agent.stopping.is_set():
-            agent.force()  # a second signal: release the job in flight now and leave
-        agent.request_stop(signal.Signals(signum).name)
+        if controls.stopping.is_set():
+            controls.force()  # a second signal: release the job in flight now and leave
+        controls.request_stop(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

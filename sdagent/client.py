@@ -28,7 +28,7 @@ import structlog
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from sdagent.kafka.records import job_headers, job_key
-from sdagent.config import KafkaConfig, TopicsConfig
+from sdagent.kafka.config import KafkaConfig, TopicsConfig
 from sdagent.kafka.acks import Deliveries
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent

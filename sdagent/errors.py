@@ -7,6 +7,10 @@ base so callers can catch "anything the backend said" without knowing the adapte
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ExitCode(enum.IntEnum):
@@ -31,6 +35,13 @@ class ConfigError(SdagentError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError, prefix: str = "") -> ConfigError:
+        """The first error of a pydantic validation, named by its dotted key under ``prefix``."""
+        error = exc.errors(include_url=False)[0]
+        key = ".".join(str(part) for part in (prefix, *error["loc"]) if part != "") or "(config)"
+        return cls(key, f"{error['msg']} (got {error.get('input')!r})")
 
 
 class JobRejected(SdagentError):

@@ -1,21 +1,57 @@
-"""Builds the real parts named by the configuration: the backend, the S3 inputs and outputs."""
+"""The composition root: the only place that turns the configuration into parts.
+
+:func:`build_agent` builds every part an agent runs (Kafka clients, backend and its WebUI
+supervisor, S3 inputs and outputs, the model cache, metrics, the IMDS notice watcher, Auto Scaling
+membership) and hands each only its own section of the configuration. Parts that must reach each
+other at run time (a lost GPU holds the intake, the WebUI's state holds it too) meet through
+:class:`~sdagent.agent.controls.Controls`, built first.
+"""
 
 from __future__ import annotations
 
-import boto3
-from botocore.config import Config as BotoConfig
-
+import socket
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import boto3
+import structlog
+from botocore.config import Config as BotoConfig
+from confluent_kafka import Consumer, Producer
+
+from sdagent.agent.affinity import HotModels
+from sdagent.agent.agent import Agent, AgentParts
+from sdagent.agent.chores import Chores
+from sdagent.agent.controls import Controls
+from sdagent.agent.intake import Intake
+from sdagent.agent.runner import JobRunner
+from sdagent.agent.startup import Startup
+from sdagent.backends import registry
 from sdagent.backends.base import Backend
+from sdagent.backends.config import BackendConfig, WebUIBackendConfig
+from sdagent.cache.assembly import build_model_cache
+from sdagent.cache.cache import ModelCache
 from sdagent.cache.config import CacheConfig
 from sdagent.cache.manifest import KIND_DIRS
-from sdagent.config import BackendConfig, LifecycleConfig, OutputsConfig, Settings
-from sdagent.storage.inputs import InputResolver
-from sdagent.lifecycle.autoscaling import LifecycleActions
+from sdagent.cache.serving import CachedModels
+from sdagent.cache.watch import ManifestWatcher
+from sdagent.config import Settings
+from sdagent.errors import ConfigError
+from sdagent.kafka.clients import jobs_consumer_config, ledger_reader_config, producer_config, reader_config
+from sdagent.kafka.ledger import JobLedger
+from sdagent.kafka.publisher import StatusPublisher
+from sdagent.lifecycle.autoscaling import GroupMembership, LifecycleActions
+from sdagent.lifecycle.config import LifecycleConfig
+from sdagent.lifecycle.imds import ImdsClient, ImdsError, InstanceIdentity, endpoint_from_environment, instance_identity
+from sdagent.lifecycle.interruptions import InterruptionPolicy, InterruptionWatch
+from sdagent.lifecycle.notices import NoticeWatcher
+from sdagent.lifecycle.systemd import from_environment as systemd_notifier
 from sdagent.metrics.publisher import MetricsPublisher
+from sdagent.storage.config import OutputsConfig
+from sdagent.storage.inputs import InputResolver
 from sdagent.storage.outputs import OutputStore
 from sdagent.webui.supervisor import WebUISupervisor
+
+log = structlog.get_logger(__name__)
 
 # Retries are the job loop's business (with backoff and a job-level attempt count): botocore
 # retries once more itself for throttling and dropped connections, in its standard mode.
@@ -23,9 +59,92 @@ from sdagent.webui.supervisor import WebUISupervisor
 _S3_CONFIG = BotoConfig(
     signature_version="s3v4", retries={"mode": "standard", "max_attempts": 2}, connect_timeout=5, read_timeout=60
 )
-
-
 _CONTROL_PLANE_CONFIG = BotoConfig(retries={"mode": "standard", "max_attempts": 3}, connect_timeout=5, read_timeout=10)
+
+
+def build_agent(
+    settings: Settings,
+    environ: Mapping[str, str],
+    *,
+    backend: Backend | None = None,
+    consumer_factory: Callable[[dict], Consumer] = Consumer,
+    producer_factory: Callable[[dict], Producer] = Producer,
+) -> Agent:
+    """The agent of ``settings``, not started; ``environ`` holds systemd's and IMDS's variables.
+    ``backend`` replaces the configured one (tests)."""
+    controls = Controls()
+    imds = _imds_client(settings, environ)
+    identity = _identity(imds) if imds is not None else None
+    # The configured id, else EC2's, else the host name: decided here, once, never written back.
+    instance_id = settings.agent.instance_id or (identity.instance_id if identity else socket.gethostname())
+    model_cache = _open_model_cache(settings.cache)
+    backend = backend or registry.build_backend(settings.backend, checkpoints_dir(settings.cache))
+    supervisor = build_supervisor(settings.backend, backend)
+    metrics = build_agent_metrics(settings, instance_id, identity, on_gpu_lost=_on_gpu_lost(controls, settings, instance_id))
+    cached = (
+        CachedModels(model_cache, metrics.jobs, webui_models=lambda: backend.health().models) if model_cache else None
+    )
+    s3 = build_s3_client(settings.outputs)
+    producer = producer_factory(producer_config(settings.kafka, f"sdagent-{instance_id}"))
+    publisher = StatusPublisher(producer, settings.topics, instance_id)
+    ledger = JobLedger(
+        consumer_factory(ledger_reader_config(settings.kafka)),
+        consumer_factory(reader_config(settings.kafka, "ledger-probe")),
+        settings.topics.results,
+        settings.topics.control,
+        settings.idempotency.window_s,
+    )
+    runner = JobRunner(
+        backend, InputResolver(s3), build_outputs(settings.outputs, s3), publisher, ledger,
+        limits=settings.limits, retry=settings.retry, catch_up_timeout_s=settings.idempotency.catch_up_timeout_s,
+        progress_interval_s=settings.agent.progress_interval_s, watch=supervisor,
+        backend_ready_wait_s=settings.backend.ready_timeout_s, recorder=metrics.jobs, models=cached,
+    )  # fmt: skip
+    intake = Intake(
+        consumer_factory(jobs_consumer_config(settings.kafka, instance_id)),
+        settings.topics.jobs,
+        runner,
+        backend.interrupt,
+        controls,
+        read_ahead=settings.agent.read_ahead,
+        on_assignment=_follow_assignment(metrics, settings.topics.jobs),
+        loaded_model=lambda: runner.current_model,
+    )
+    ledger.on_cancel(intake.cancel)
+    if supervisor is not None:
+        # Intake follows the WebUI: held while it is down or restarting, resumed once it is back.
+        supervisor.on_state_change(
+            lambda ready, _reason: controls.unhold("backend_down") if ready else controls.hold("backend_down")
+        )
+        supervisor.on_hang(lambda job_id, _reason: intake.abort_inflight("hung", job_id))
+    group = build_group_membership(settings.lifecycle, instance_id)
+    notifier = systemd_notifier(environ)
+    hot_models = HotModels(producer, settings.topics.agents, instance_id, _cached_model_names(model_cache))
+    parts = AgentParts(
+        instance_id=instance_id,
+        jobs_topic=settings.topics.jobs,
+        controls=controls,
+        backend=backend,
+        intake=intake,
+        runner=runner,
+        ledger=ledger,
+        publisher=publisher,
+        startup=Startup(backend, controls, settings.backend.ready_timeout_s, supervisor=supervisor,
+                        cache=model_cache, models=cached, cache_config=settings.cache),  # fmt: skip
+        chores=Chores(notifier, hot_models, loaded_model=lambda: runner.current_model, group=group,
+                      supervisor=supervisor, job_metrics=metrics.jobs),  # fmt: skip
+        notifier=notifier,
+        supervisor=supervisor,
+        metrics=metrics,
+        model_cache=model_cache,
+        cache_watcher=_cache_watcher(model_cache, cached, settings.cache),
+        group=group,
+        interruptions=_interruptions(imds, settings, controls),
+    )
+    return Agent(parts, settings.agent)
+
+
+# --- the parts, one builder each -------------------------------------------------------------
 
 
 def checkpoints_dir(cache: CacheConfig) -> Path | None:
@@ -33,44 +152,17 @@ def checkpoints_dir(cache: CacheConfig) -> Path | None:
     return cache.dir / KIND_DIRS["checkpoint"] if cache.source is not None else None
 
 
-def build_backend(config: BackendConfig, *, models_dir: Path | None = None) -> Backend:
-    """The backend of ``config``; ``models_dir`` is the model cache's checkpoint folder, which the
-    in-process simulator lists as a WebUI would (the real ones are pointed at it by their flags)."""
-    if config.kind == "simulated":
-        from sdagent.backends.simulated import SimulatedBackend
-
-        return SimulatedBackend(
-            config.models, step_latency_s=config.step_latency_s, switch_latency_s=config.switch_latency_s,
-            models_dir=models_dir,
-        )  # fmt: skip
-    if config.kind == "a1111":
-        from sdagent.backends.a1111 import A1111Backend
-
-        return A1111Backend(
-            config.url, models=config.models, request_timeout_s=config.request_timeout_s,
-            progress_poll_s=config.progress_poll_s,
-        )
-    from sdagent.backends.comfyui import ComfyUIBackend  # the only kind left in the schema
-
-    return ComfyUIBackend(
-        config.url, models=config.models, request_timeout_s=config.request_timeout_s,
-        progress_poll_s=config.progress_poll_s, workflows_dir=config.workflows_dir,
-    )
-
-
 def build_supervisor(config: BackendConfig, backend: Backend) -> WebUISupervisor | None:
-    """The WebUI's supervisor; None for the in-process simulated backend, which has no process."""
-    if config.kind == "simulated":
+    """The WebUI's supervisor; None for a kind that runs no process (the in-process simulator)."""
+    if not registry.kind_of(config.kind).supervised:
         return None
+    if not isinstance(config, WebUIBackendConfig):
+        raise ConfigError("backend.kind", f"{config.kind!r} is supervised but has no [backend.process] section")
     return WebUISupervisor.for_backend(config, backend)
 
 
 def build_s3_client(config: OutputsConfig):
     return boto3.client("s3", region_name=config.region, endpoint_url=config.endpoint_url, config=_S3_CONFIG)
-
-
-def build_inputs(s3_client) -> InputResolver:
-    return InputResolver(s3_client)
 
 
 def build_outputs(config: OutputsConfig, s3_client) -> OutputStore:
@@ -88,29 +180,35 @@ def build_outputs(config: OutputsConfig, s3_client) -> OutputStore:
     )
 
 
-def build_lifecycle(config: LifecycleConfig) -> LifecycleActions | None:
-    """Lifecycle actions for the configured group, or None outside an Auto Scaling group."""
+def build_group_membership(config: LifecycleConfig, instance_id: str) -> GroupMembership | None:
+    """This instance's Auto Scaling membership, or None outside a group."""
     if config.autoscaling_group is None:
         return None
-    autoscaling = boto3.client(
-        "autoscaling", region_name=config.region, endpoint_url=config.endpoint_url, config=_CONTROL_PLANE_CONFIG
+    return GroupMembership(
+        LifecycleActions(_autoscaling_client(config)),
+        config.autoscaling_group,
+        instance_id,
+        launch_hook=config.launch_hook,
+        terminate_hook=config.terminate_hook,
+        heartbeat_interval_s=config.heartbeat_interval_s,
+        protect_while_busy=config.protect_while_busy,
     )
-    return LifecycleActions(autoscaling)
 
 
-def build_agent_metrics(settings: Settings, identity, on_gpu_lost) -> MetricsPublisher:
+def build_agent_metrics(
+    settings: Settings, instance_id: str, identity: InstanceIdentity | None, on_gpu_lost: Callable[[int, str], None]
+) -> MetricsPublisher:
     """The metrics loop for this instance (not started); ``identity`` is IMDS's, or None off EC2."""
     from confluent_kafka.admin import AdminClient
 
     from sdagent.kafka.clients import admin_config
     from sdagent.metrics.assembly import build_metrics
-    from sdagent.metrics.dimensions import InstanceIdentity
+    from sdagent.metrics.dimensions import InstanceIdentity as MetricsIdentity
 
     region = settings.metrics.region or (identity.region if identity else None) or settings.outputs.region
     return build_metrics(
         settings.metrics,
-        InstanceIdentity(settings.agent.instance_id, identity.instance_type if identity else None,
-                         settings.lifecycle.autoscaling_group),
+        MetricsIdentity(instance_id, identity.instance_type if identity else None, settings.lifecycle.autoscaling_group),
         region=region,
         kafka_admin=AdminClient(admin_config(settings.kafka)),
         jobs_topic=settings.topics.jobs,
@@ -119,13 +217,67 @@ def build_agent_metrics(settings: Settings, identity, on_gpu_lost) -> MetricsPub
     )
 
 
-def mark_unhealthy(settings: Settings) -> None:
-    """Ask the Auto Scaling group to replace this instance (a lost GPU); outside a group, nothing."""
-    if settings.lifecycle.autoscaling_group is None:
-        return
-    from sdagent.metrics.health import AutoScalingHealth
+def _autoscaling_client(config: LifecycleConfig):
+    return boto3.client(
+        "autoscaling", region_name=config.region, endpoint_url=config.endpoint_url, config=_CONTROL_PLANE_CONFIG
+    )
 
-    autoscaling = boto3.client("autoscaling", region_name=settings.lifecycle.region,
-                               endpoint_url=settings.lifecycle.endpoint_url, config=_CONTROL_PLANE_CONFIG)
-    AutoScalingHealth(autoscaling).set_unhealthy(settings.agent.instance_id)
 
+def _open_model_cache(config: CacheConfig) -> ModelCache | None:
+    """The model cache of ``[cache]``, or None; a directory it cannot create or use is a config error."""
+    try:
+        return build_model_cache(config)
+    except OSError as exc:
+        raise ConfigError("cache.dir", f"cannot use {config.dir}: {exc}") from exc
+
+
+def _imds_client(settings: Settings, environ: Mapping[str, str]) -> ImdsClient | None:
+    endpoint = endpoint_from_environment(environ) if settings.imds.enabled else None
+    return None if endpoint is None else ImdsClient(endpoint)
+
+
+def _identity(imds: ImdsClient) -> InstanceIdentity | None:
+    try:
+        return instance_identity(imds)
+    except ImdsError as exc:  # not on EC2, or IMDS away: the host name stands in
+        log.warning("imds.identity_unavailable", error=str(exc))
+        return None
+
+
+def _interruptions(imds: ImdsClient | None, settings: Settings, controls: Controls) -> InterruptionWatch | None:
+    if imds is None:
+        return None
+    policy = InterruptionPolicy(controls, rebalance=settings.imds.rebalance, rebalance_hold_s=settings.imds.rebalance_hold_s)
+    return InterruptionWatch(NoticeWatcher(imds, settings.imds.interval_s, on_notice=policy), policy)
+
+
+def _on_gpu_lost(controls: Controls, settings: Settings, instance_id: str) -> Callable[[int, str], None]:
+    """A GPU that is lost will not come back: take no more work and have the group replace us."""
+
+    def lost(_index: int, _reason: str) -> None:
+        controls.hold("gpu_lost")
+        if settings.lifecycle.autoscaling_group is not None:
+            from sdagent.metrics.health import AutoScalingHealth
+
+            AutoScalingHealth(_autoscaling_client(settings.lifecycle)).set_unhealthy(instance_id)
+
+    return lost
+
+
+def _follow_assignment(metrics: MetricsPublisher, jobs_topic: str) -> Callable[[frozenset[tuple[str, int]]], None]:
+    def follow(assigned: frozenset[tuple[str, int]]) -> None:
+        # Exactly one member publishes the group's backlog: the holder of partition 0.
+        if metrics.lag is not None:
+            metrics.lag.set_holds_partition_zero((jobs_topic, 0) in assigned)
+
+    return follow
+
+
+def _cached_model_names(cache: ModelCache | None) -> Callable[[], list[str]]:
+    return (lambda: [entry.name for entry in cache.ls()]) if cache is not None else list
+
+
+def _cache_watcher(cache: ModelCache | None, cached: CachedModels | None, config: CacheConfig) -> ManifestWatcher | None:
+    if cache is None or cached is None:
+        return None
+    return ManifestWatcher(cache, cached.models_changed, interval_s=config.poll_interval_s, use_events=config.watch)

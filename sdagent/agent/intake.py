@@ -23,6 +23,7 @@ import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from sdagent.agent.affinity import pick_next
+from sdagent.agent.controls import Controls
 from sdagent.agent.runner import JobControl, JobRunner, Outcome
 from sdagent.kafka.records import Delivery, model_of
 
@@ -57,6 +58,7 @@ class Intake:
         jobs_topic: str,
         runner: JobRunner,
         interrupt_backend: Callable[[], None],
+        controls: Controls,
         *,
         read_ahead: int = 256,
         on_assignment: Callable[[frozenset[PartitionKey]], None] | None = None,
@@ -67,6 +69,7 @@ class Intake:
         self._jobs_topic = jobs_topic
         self._runner = runner
         self._interrupt_backend = interrupt_backend
+        self._controls = controls
         self._read_ahead = read_ahead
         self._on_assignment = on_assignment or (lambda _assigned: None)
         self._loaded_model = loaded_model
@@ -82,10 +85,8 @@ class Intake:
         self._fresh: set[PartitionKey] = set()  # assigned, nothing read yet: may redeliver
         self._next_offsets: dict[PartitionKey, int] = {}  # per partition, the next record to read
         self._done_offsets: dict[PartitionKey, int] = {}  # answered, commit not yet accepted
-        # Why intake is held (draining, backend down, warm pool...): no new job while any is set.
-        self._holds: set[str] = set()
         self._retry_at = 0.0
-        self._lock = threading.Lock()  # guards _inflight and _holds against other threads
+        self._lock = threading.Lock()  # guards _inflight against other threads
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -112,31 +113,6 @@ class Intake:
             self._take(message)
         self._reconcile_pause()
         self._start_next()
-
-    def hold(self, reason: str) -> None:
-        """Take no new job until :meth:`unhold` with the same reason; the job in flight goes on.
-
-        Safe from any thread: the loop applies it (pauses the partitions) on its next turn.
-        """
-        with self._lock:
-            if reason in self._holds:
-                return
-            self._holds.add(reason)
-            holds = sorted(self._holds)
-        log.info("intake.held", reason=reason, holds=holds)
-
-    def unhold(self, reason: str) -> None:
-        with self._lock:
-            if reason not in self._holds:
-                return
-            self._holds.discard(reason)
-            holds = sorted(self._holds)
-        log.info("intake.unheld", reason=reason, holds=holds)
-
-    @property
-    def holds(self) -> frozenset[str]:
-        with self._lock:
-            return frozenset(self._holds)
 
     def release_inflight(self, why: str, timeout_s: float = REVOKE_WAIT_S) -> None:
         """Interrupt the running job and wait until it is handed back (or answered)."""
@@ -213,7 +189,7 @@ class Intake:
         self._next_offsets[key] = message.offset() + 1
 
     def _start_next(self) -> None:
-        if self._inflight is not None or not self._held or self._holds or self._clock() < self._retry_at:
+        if self._inflight is not None or not self._held or self._controls.held or self._clock() < self._retry_at:
             return
         delivery = self._next_held()
         control = JobControl(None, self._interrupt_backend)
@@ -276,7 +252,7 @@ class Intake:
         which costs a fetch round (up to fetch.wait.max.ms) each time. ``read_ahead = 0`` pauses
         whenever a job runs.
         """
-        if self._holds or self._clock() < self._retry_at:
+        if self._controls.held or self._clock() < self._retry_at:
             want_paused = True
         elif self._read_ahead == 0:
             want_paused = self._inflight is not None or bool(self._held)

@@ -24,7 +24,7 @@ import tenacity
 
 from sdagent.backends.base import Backend, Generation
 from sdagent.cache.serving import CachedModels, UncachedModels
-from sdagent.config import RetryConfig
+from sdagent.agent.config import RetryConfig
 from sdagent.errors import TRANSIENT_ERRORS, BackendUnavailable, JobAborted, JobFailed, JobRejected, KafkaUnavailable
 from sdagent.jobs import Job, Limits, Progress, Status, StatusEvent, parse_job
 from sdagent.storage.inputs import InputResolver

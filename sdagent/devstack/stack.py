@@ -83,19 +83,12 @@ class AgentThread:
     """An agent running in this process, on a thread, on the simulated backend."""
 
     def __init__(self, settings: Settings, backend=None) -> None:
-        from sdagent.agent.agent import Agent
-        from sdagent.agent.build import (
-            build_backend, build_inputs, build_lifecycle, build_outputs, build_s3_client, checkpoints_dir,
-        )  # fmt: skip
-        from sdagent.cache.assembly import build_model_cache
+        from sdagent.agent.build import build_agent
 
-        self.model_cache = build_model_cache(settings.cache)
-        self.backend = backend or build_backend(settings.backend, models_dir=checkpoints_dir(settings.cache))
-        s3 = build_s3_client(settings.outputs)
-        self.agent = Agent(
-            settings, self.backend, build_inputs(s3), build_outputs(settings.outputs, s3),
-            lifecycle=build_lifecycle(settings.lifecycle), model_cache=self.model_cache,
-        )
+        # No NOTIFY_SOCKET and no IMDS endpoint: this process's own environment is not the agent's.
+        self.agent = build_agent(settings, {"AWS_EC2_METADATA_DISABLED": "true"}, backend=backend)
+        self.backend = self.agent.parts.backend
+        self.model_cache = self.agent.parts.model_cache
         self._thread = threading.Thread(target=self._main, name="sdagent-agent", daemon=True)
         self.error: BaseException | None = None
 
@@ -105,13 +98,13 @@ class AgentThread:
         return self
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        self.agent.request_stop("test")
+        self.agent.controls.request_stop("test")
         self._thread.join(timeout_s)
 
     def _main(self) -> None:
         try:
             self.agent.run()
-            self.agent.drain("stop requested")
+            self.agent.drain()
         except BaseException as exc:  # surfaced to the test through .error
             self.error = exc
             raise

@@ -15,7 +15,7 @@ import time
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from sdagent.config import KafkaConfig, TopicsConfig
+from sdagent.kafka.config import KafkaConfig, TopicsConfig
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, Status, StatusEvent
 from sdagent.kafka.clients import producer_config

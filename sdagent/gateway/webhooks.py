@@ -29,7 +29,7 @@ import tenacity
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
-from sdagent.config import KafkaConfig
+from sdagent.kafka.config import KafkaConfig
 from sdagent.gateway.config import WebhookConfig, secret_bytes
 from sdagent.jobs import StatusEvent
 from sdagent.kafka.clients import webhooks_consumer_config

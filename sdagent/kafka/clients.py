@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import structlog
 from confluent_kafka import KafkaException
 
-from sdagent.config import KafkaConfig
+from sdagent.kafka.config import KafkaConfig
 from sdagent.errors import KafkaUnavailable
 
 _LIBRDKAFKA_LOG = logging.getLogger("sdagent.librdkafka")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
 
-from sdagent.config import TopicsConfig
+from sdagent.kafka.config import TopicsConfig
 from sdagent.kafka.acks import Deliveries
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent

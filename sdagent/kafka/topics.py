@@ -9,7 +9,7 @@ import structlog
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from sdagent.config import TopicsConfig
+from sdagent.kafka.config import TopicsConfig
 
 log = structlog.get_logger(__name__)
 

@@ -8,6 +8,7 @@ found" (a ValidationError): that answer is retried, everything else is reported.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -114,3 +115,72 @@ class Heartbeater:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             self._actions.heartbeat(self._target)
+
+
+PROTECTION_IDLE_S = 30.0  # idle this long before scale-in protection is lifted
+
+
+class GroupMembership:
+    """This instance's part in its Auto Scaling group: the launch hook completed once it serves,
+    the terminating hook heartbeated while it drains and completed once it has left, and scale-in
+    protection that follows busy and idle."""
+
+    def __init__(
+        self,
+        actions: LifecycleActions,
+        group: str,
+        instance_id: str,
+        *,
+        launch_hook: str | None = None,
+        terminate_hook: str | None = None,
+        heartbeat_interval_s: float = 30.0,
+        protect_while_busy: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._actions = actions
+        self._launch = HookTarget(group, launch_hook, instance_id) if launch_hook else None
+        self._terminate = HookTarget(group, terminate_hook, instance_id) if terminate_hook else None
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._protection = _Protection(actions, group, instance_id, clock) if protect_while_busy else None
+
+    def serving(self) -> None:
+        """Tell the group this instance can serve; retried in the background while the group has
+        not put the instance in Pending:Wait yet."""
+        if self._launch is not None:
+            threading.Thread(target=self._actions.complete, args=(self._launch,), daemon=True).start()
+
+    def draining(self, by_group: bool) -> contextlib.AbstractContextManager[object]:
+        """Heartbeats the terminating hook for the drain's length when the group asked for it."""
+        if self._terminate is None or not by_group:
+            return contextlib.nullcontext()
+        return Heartbeater(self._actions, self._terminate, self._heartbeat_interval_s)
+
+    def left(self, by_group: bool) -> None:
+        """Drained and out of the consumer group: let the group terminate the instance."""
+        if self._terminate is not None and by_group:
+            self._actions.complete(self._terminate)
+
+    def follow_busy(self, busy: bool) -> None:
+        if self._protection is not None:
+            self._protection.follow(busy)
+
+
+class _Protection:
+    """Scale-in protection that follows busy/idle with hysteresis: a few API calls, not two per job."""
+
+    def __init__(self, actions: LifecycleActions, group: str, instance_id: str, clock: Callable[[], float]) -> None:
+        self._actions = actions
+        self._group = group
+        self._instance_id = instance_id
+        self._clock = clock
+        self._protected = False
+        self._last_busy = 0.0
+
+    def follow(self, busy: bool) -> None:
+        now = self._clock()
+        if busy:
+            self._last_busy = now
+        wanted = busy or now - self._last_busy < PROTECTION_IDLE_S
+        if wanted != self._protected:
+            self._actions.set_protected(self._group, self._instance_id, wanted)
+            self._protected = wanted

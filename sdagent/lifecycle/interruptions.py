@@ -19,14 +19,17 @@ from typing import Protocol
 
 import structlog
 
-from sdagent.lifecycle.notices import Notice, NoticeKind
+from sdagent.lifecycle.imds import ImdsError
+from sdagent.lifecycle.notices import (
+    LIFECYCLE_IN_SERVICE,
+    LIFECYCLE_TERMINATED,
+    LIFECYCLE_WARMED_PREFIX,
+    Notice,
+    NoticeKind,
+    NoticeWatcher,
+)
 
 log = structlog.get_logger(__name__)
-
-TERMINATED = "Terminated"
-IN_SERVICE = "InService"
-WARMED_PREFIX = "Warmed:"
-
 
 class DrainTarget(Protocol):
     """The part of the agent a notice can act on; every method is safe from any thread."""
@@ -79,12 +82,12 @@ class InterruptionPolicy:
 
     def _lifecycle(self, notice: Notice) -> None:
         state = notice.state or ""
-        if state == TERMINATED:
+        if state == LIFECYCLE_TERMINATED:
             self._agent.terminating_by_group()
             self._agent.request_drain("autoscaling terminate", None)
-        elif state.startswith(WARMED_PREFIX):
+        elif state.startswith(LIFECYCLE_WARMED_PREFIX):
             self._agent.hold("warm_pool")  # prewarm only; an InService state lets work in
-        elif state == IN_SERVICE:
+        elif state == LIFECYCLE_IN_SERVICE:
             self._agent.unhold("warm_pool")
 
     def _rebalance_recommended(self, _notice: Notice) -> None:
@@ -111,3 +114,24 @@ class InterruptionPolicy:
             return None
         return self._clock() + max(0.0, (deadline - self._utc_now()).total_seconds())
 
+
+
+class InterruptionWatch:
+    """The notice watcher and the policy it feeds, started and stopped as one."""
+
+    def __init__(self, watcher: NoticeWatcher, policy: InterruptionPolicy) -> None:
+        self._watcher = watcher
+        self._policy = policy
+
+    def start(self) -> None:
+        """Act on what IMDS says already (a restart mid-drain must not take work), then keep watching."""
+        try:
+            for notice in self._watcher.check_now():
+                self._policy(notice)
+        except ImdsError as exc:
+            log.warning("imds.unavailable_at_start", error=str(exc))
+        self._watcher.start()
+
+    def stop(self) -> None:
+        self._watcher.stop()
+        self._policy.close()

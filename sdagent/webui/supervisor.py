@@ -33,7 +33,8 @@ import psutil
 import structlog
 
 from sdagent.backends.base import Backend, Health
-from sdagent.config import BackendConfig, ProcessConfig
+from sdagent.backends.config import WebUIBackendConfig
+from sdagent.webui.config import ProcessConfig
 from sdagent.gpu.memory import GpuMemoryProbe
 
 log = structlog.get_logger(__name__)
@@ -343,7 +344,7 @@ class WebUISupervisor:
         self.memory_restarts = 0
 
     @classmethod
-    def for_backend(cls, config: BackendConfig, backend: Backend, **seams: Any) -> WebUISupervisor:
+    def for_backend(cls, config: WebUIBackendConfig, backend: Backend, **seams: Any) -> WebUISupervisor:
         """The supervisor of ``backend``'s WebUI as ``[backend]`` configures it."""
         return cls(
             config.process,

@@ -123,7 +123,7 @@ def test_lifecycle_hooks_are_completed_at_launch_and_after_a_group_drain(pipelin
         assert wait_until(lambda: fake.actions("CompleteLifecycleAction"), timeout_s=20)
         pipeline.client.submit(job(job_id="finishes-while-heartbeating", steps=25))
         assert wait_until(lambda: agent.agent.intake.busy, timeout_s=20)
-        agent.agent.terminating_by_group()
+        agent.agent.controls.terminating_by_group()
         agent.stop()
         completions = fake.actions("CompleteLifecycleAction")
         assert [c["LifecycleHookName"] for c in completions] == ["launch", "terminate"]

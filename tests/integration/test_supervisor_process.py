@@ -17,7 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from sdagent.backends.base import Health
-from sdagent.config import ProcessConfig
+from sdagent.webui.config import ProcessConfig
 from sdagent.webui.supervisor import WebUISupervisor
 
 FAKE_WEBUI = Path(__file__).parents[1] / "fixtures" / "fake_webui.py"

@@ -111,7 +111,7 @@ def test_drop_ins_are_named_by_purpose_and_say_why(drop_in):
 
 
 def test_stop_timeout_fits_the_spot_warning_and_covers_the_drain():
-    from sdagent.config import AgentConfig
+    from sdagent.agent.config import AgentConfig
 
     unit = (UNIT_DIR / "sdagent.service").read_text()
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1))

@@ -8,7 +8,7 @@ import pytest
 
 from sdagent.agent.affinity import pick_next
 from sdagent.kafka.records import MODEL_HEADER, Delivery, job_headers, job_key, model_of
-from sdagent.config import TopicsConfig
+from sdagent.kafka.config import TopicsConfig
 from sdagent.jobs import Job
 
 

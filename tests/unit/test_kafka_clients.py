@@ -6,7 +6,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from sdagent.config import KafkaConfig, load_settings
+from sdagent.config import load_settings
+
+from sdagent.kafka.config import KafkaConfig
 from sdagent.errors import ConfigError, KafkaUnavailable
 from sdagent.kafka.clients import (
     LEDGER_FETCH_WAIT_MS,

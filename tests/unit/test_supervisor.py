@@ -8,7 +8,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from sdagent.backends.base import Health
-from sdagent.config import ProcessConfig
+from sdagent.webui.config import ProcessConfig
 from sdagent.webui.supervisor import (
     OUTPUT_BURST_LINES,
     OUTPUT_LINE_MAX_CHARS,

@@ -1,0 +1,65 @@
+"""The ``[kafka]`` and ``[topics]`` sections: how to reach the cluster, the topics and their layout."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sdagent.jobs import TOPIC_PATTERN
+
+
+class KafkaConfig(BaseModel):
+    """How to reach the cluster and how the fleet shares the jobs topic."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = Field("sdagent", min_length=1)
+    # "consumer" is KIP-848 (Kafka >= 4.0 brokers): incremental, broker-side assignment, so a scale
+    # event moves only the partitions that must move. "classic" falls back to cooperative-sticky.
+    group_protocol: Literal["consumer", "classic"] = "consumer"
+    # Static membership keeps a vanished instance's partitions idle until its session times out:
+    # good for in-place restarts, bad for spot instances that vanish; off by default (docs/kafka.md).
+    static_membership: bool = False
+    # Extra librdkafka settings for every client (security.protocol, sasl.*, ssl.*, client.rack).
+    client_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # MSK IAM access control: the cluster's region. Every client then signs in over SASL_SSL with
+    # OAUTHBEARER tokens signed by the instance role's credentials (docs/kafka.md).
+    msk_iam_region: str | None = Field(None, pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
+
+
+class TopicsConfig(BaseModel):
+    """Topic names and the layout ``sdagent topics create`` gives them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: str = Field("sdagent.jobs", pattern=TOPIC_PATTERN)
+    results: str = Field("sdagent.results", pattern=TOPIC_PATTERN)
+    dead_letters: str = Field("sdagent.dead-letters", pattern=TOPIC_PATTERN)
+    control: str = Field("sdagent.control", pattern=TOPIC_PATTERN)
+    replies: str = Field("sdagent.replies", pattern=TOPIC_PATTERN)
+    # Compacted: one record per agent with the models it holds (docs/model-affinity.md).
+    agents: str = Field("sdagent.agents", pattern=TOPIC_PATTERN)
+    # How jobs are keyed (docs/model-affinity.md): "job_id" spreads them evenly whatever the
+    # model; "model" sends a model's jobs to at most model_lanes partitions (fewer switches, but a
+    # fleet serving few models then keeps only that many agents busy: opt in with lanes sized).
+    jobs_key: Literal["model", "job_id"] = "job_id"
+    # Keys per model when keyed by model: a hot model fills up to this many partitions.
+    model_lanes: int = Field(2, ge=1, le=1024)
+    # One job runs per partition holder at a time: partitions >= the fleet's maximum size.
+    jobs_partitions: int = Field(64, ge=1, le=10_000)
+    results_partitions: int = Field(16, ge=1, le=10_000)
+    replies_partitions: int = Field(16, ge=1, le=10_000)
+    replication_factor: int = Field(3, ge=1, le=16)
+    jobs_retention_h: float = Field(72, gt=0)
+    results_retention_h: float = Field(72, gt=0)
+    dead_letters_retention_h: float = Field(14 * 24, gt=0)
+    replies_retention_h: float = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> TopicsConfig:
+        names = [self.jobs, self.results, self.dead_letters, self.control, self.replies, self.agents]
+        if len(set(names)) != len(names):
+            raise ValueError("topic names must all differ")
+        return self
