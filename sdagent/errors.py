@@ -147,3 +147,12 @@ class KafkaUnavailable(SdagentError):
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (BackendUnavailable, OutputUnavailable, InputUnavailable)
 """Failures worth retrying with backoff before the job is failed."""
+
+
+class GatewayError(SdagentError):
+    """Base of the HTTP gateway's errors (authentication, limits, webhooks, problem answers)."""
+
+
+class WebhookError(GatewayError):
+    """Base of the errors of webhook delivery."""
+

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
+
+from sdagent.errors import SdagentError
 # At most this much read ahead of the writer, whatever chunk size and concurrency say.
 MAX_BUFFER_BYTES = 256 * 1024 * 1024
 
@@ -19,7 +21,7 @@ class Sink(Protocol):
     def write(self, data: bytes) -> object: ...
 
 
-class ShortRead(Exception):
+class ShortRead(SdagentError):
     """Raised when a range came back shorter than asked: the file shrank under us."""
 
 

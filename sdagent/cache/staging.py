@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import structlog
 
+from sdagent.errors import SdagentError
 from sdagent.cache.errors import CacheFull, ModelCorrupt, ModelNotFound
 from sdagent.cache.manifest import ModelEntry
 from sdagent.cache.sources.base import ModelSource
@@ -188,7 +189,7 @@ class StageResult:
     seconds: float
 
 
-class _ResumedCorrupt(Exception):
+class _ResumedCorrupt(SdagentError):
     """A resumed download did not verify: the kept bytes may be bad; start over once."""
 
 

@@ -25,6 +25,7 @@ from sdagent.gateway.auth import Caller, Gatekeeper, NotAuthenticated, RateLimit
 from sdagent.gateway.config import GatewayConfig
 from sdagent.gateway.status import StatusView
 from sdagent.jobs import JOB_ID_PATTERN, Job, Limits, Status, StatusEvent, check_limits
+from sdagent.errors import GatewayError
 
 log = structlog.get_logger(__name__)
 
@@ -66,7 +67,7 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = None
 
 
-class _ProblemError(Exception):
+class _ProblemError(GatewayError):
     def __init__(self, status: int, title: str, detail: str, *, errors: list | None = None,
                  headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(detail)

@@ -17,7 +17,7 @@ from limits import RateLimitItemPerSecond
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
-from sdagent.errors import ConfigError
+from sdagent.errors import ConfigError, GatewayError
 from sdagent.gateway.config import GatewayConfig
 
 ANONYMOUS = "anonymous"
@@ -36,11 +36,13 @@ class Caller:
         return RateLimitItemPerSecond(self.rate_per_s * window_s, window_s)
 
 
-class NotAuthenticated(Exception):
+class NotAuthenticated(GatewayError):
     """No key, or one this gateway does not know."""
 
 
-class RateLimited(Exception):
+class RateLimited(GatewayError):
+    """Raised when a key has used up its rate; ``retry_after_s`` says when to come back."""
+
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(f"rate limit exceeded; retry in {retry_after_s} s")
         self.retry_after_s = retry_after_s

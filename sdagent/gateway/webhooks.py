@@ -34,6 +34,7 @@ from sdagent.gateway.config import WebhookConfig, secret_bytes
 from sdagent.jobs import StatusEvent
 from sdagent.kafka.clients import webhooks_consumer_config
 from sdagent.kafka.ledger import terminal_status
+from sdagent.errors import WebhookError
 
 log = structlog.get_logger(__name__)
 
@@ -41,11 +42,11 @@ POLL_S = 0.2
 RETRYABLE_STATUS = {408, 425, 429}
 
 
-class TargetRefused(Exception):
+class TargetRefused(WebhookError):
     """The webhook URL points where the gateway must not send requests."""
 
 
-class DeliveryFailed(Exception):
+class DeliveryFailed(WebhookError):
     """The receiver did not take the webhook; ``retryable`` says whether to try again."""
 
     def __init__(self, message: str, *, retryable: bool, retry_after_s: float | None = None) -> None:
@@ -232,7 +233,7 @@ class WebhookDispatcher:
         )(attempt)
 
 
-class _Stopping(Exception):
+class _Stopping(WebhookError):
     """The gateway stops during a retry's wait: leave the webhook uncommitted for the next owner."""
 
 

@@ -11,13 +11,9 @@ from types import ModuleType
 
 import structlog
 
+from sdagent.gpu import nvml as nvml_seam
+
 log = structlog.get_logger(__name__)
-
-# NVML errors that hold for good on this host: stop asking. Any other (GPU lost, timeout) is logged
-# and asked again next time. pynvml's NVML_ERROR_ values: NOT_SUPPORTED 3, NOT_FOUND 6,
-# DRIVER_NOT_LOADED 9, LIBRARY_NOT_FOUND 12, FUNCTION_NOT_FOUND 13, GPU_NOT_FOUND 28.
-_PERMANENT_ERRORS = frozenset({3, 6, 9, 12, 13, 28})
-
 
 class GpuMemoryProbe:
     """Bytes of device memory in use on one GPU, the whole device, all processes.
@@ -66,18 +62,15 @@ class GpuMemoryProbe:
 
     def _nvml_module(self) -> ModuleType | None:
         if self._nvml is None:
-            try:
-                import pynvml
-            except ImportError:
+            self._nvml = nvml_seam.load()
+            if self._nvml is None:
                 log.warning("gpu.nvml_unavailable", error="pynvml is not installed")
                 self._unavailable = True
                 return None
-            self._nvml = pynvml
         return self._nvml
 
     def _failed(self, exc: Exception) -> None:
-        code = getattr(exc, "value", None)
-        if code in _PERMANENT_ERRORS:
+        if nvml_seam.error_code(exc) in nvml_seam.PERMANENT_ERRORS:
             log.warning("gpu.nvml_unavailable", index=self._index, error=str(exc))
             self._unavailable = True
         else:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from sdagent.errors import SdagentError
 from sdagent.lifecycle.imds import TOKEN_PATH, ImdsClient, ImdsError, ImdsResponse, ImdsUnavailable
 
 log = structlog.get_logger(__name__)
@@ -115,7 +116,7 @@ def backoff_delay(failures: int, interval_s: float) -> float:
     return max(interval_s, min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * BACKOFF_FACTOR ** (failures - 1)))
 
 
-class _Malformed(Exception):
+class _Malformed(SdagentError):
     """A body that does not parse; logged and ignored, never a notice."""
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from sdagent.metrics import sinks
 from sdagent.metrics.clock import Clock
-from sdagent.metrics.cloudwatch import CloudWatchSink, cloudwatch_client
 from sdagent.metrics.config import MetricsConfig
 from sdagent.metrics.dimensions import InstanceIdentity
-from sdagent.metrics.emf import EmfSink, writer_for
 from sdagent.metrics.jobs import JobMetrics
 from sdagent.metrics.lag import LagReporter
 from sdagent.metrics.nvml import GpuSampler
@@ -34,21 +33,7 @@ class DisabledPublisher(MetricsPublisher):
 
 def build_sink(config: MetricsConfig, region: str | None, cloudwatch: Any = None) -> MetricsSink:
     """The configured sink; ``cloudwatch`` (a boto3 client) replaces the one built from the config."""
-    if config.sink == "emf":
-        return EmfSink(
-            writer_for(config.emf_destination),
-            config.namespace,
-            config.storage_resolution,
-            log_group=config.emf_log_group,
-        )
-    client = cloudwatch or cloudwatch_client(
-        config.region or region,
-        config.endpoint_url,
-        max_attempts=config.max_attempts,
-        connect_timeout_s=config.connect_timeout_s,
-        read_timeout_s=config.read_timeout_s,
-    )
-    return CloudWatchSink(client, config.namespace, config.storage_resolution)
+    return sinks.build(config, region, cloudwatch)
 
 
 def build_metrics(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sdagent.metrics import sinks
 from sdagent.metrics.names import NAMESPACE
 
 # Defaults per storage resolution. Standard (60): one PutMetricData a minute, the cheapest a
@@ -25,7 +26,7 @@ class MetricsConfig(BaseModel):
     enabled: bool = True
     # cloudwatch: PutMetricData from the agent. emf: Embedded Metric Format lines to the CloudWatch
     # agent (no request charge; the agent turns them into metrics through CloudWatch Logs).
-    sink: Literal["cloudwatch", "emf"] = "cloudwatch"
+    sink: str = "cloudwatch"  # a name registered in sdagent.metrics.sinks
     namespace: str = Field(NAMESPACE, min_length=1, max_length=255)
     storage_resolution: Literal[1, 60] = 60
     publish_interval_s: float | None = Field(None, ge=1, le=300)  # None: 60 s, or 10 s at resolution 1
@@ -51,6 +52,13 @@ class MetricsConfig(BaseModel):
     # file path the CloudWatch agent (or anything else) tails.
     emf_destination: str = "udp://127.0.0.1:25888"
     emf_log_group: str | None = "/sdagent/metrics"  # the CloudWatch agent writes EMF lines here
+
+    @field_validator("sink")
+    @classmethod
+    def _registered_sink(cls, name: str) -> str:
+        if name not in sinks.names():
+            raise ValueError(f"unknown sink {name!r}; one of: {', '.join(sinks.names())}")
+        return name
 
     @model_validator(mode="after")
     def _intervals(self) -> MetricsConfig:

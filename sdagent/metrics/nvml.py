@@ -13,7 +13,7 @@ The ``nvml`` argument is the ``pynvml`` module (nvidia-ml-py) or a fake with the
 - anything else (``Timeout``, ``Unknown``): that reading is skipped this once.
 
 Used from one thread (the metrics publisher). NVML counts nvmlInit/nvmlShutdown pairs, so the
-WebUI supervisor's own NVML use (``sdagent/gpu.py``) is unaffected.
+WebUI supervisor's own NVML use (:mod:`sdagent.gpu.memory`) is unaffected.
 """
 
 from __future__ import annotations
@@ -25,23 +25,12 @@ from typing import Any
 
 import structlog
 
+from sdagent.gpu import nvml as nvml_seam
+from sdagent.gpu.nvml import ARGUMENT_VERSION_MISMATCH, LOST_ERRORS, NO_GPU_ERRORS, TIMEOUT, UNSUPPORTED_ERRORS
+from sdagent.gpu.nvml import error_code as _code
+
 log = structlog.get_logger(__name__)
 
-# pynvml's NVML_ERROR_* values (nvml.h): stable ABI numbers.
-UNINITIALIZED = 1
-NOT_SUPPORTED = 3
-NO_PERMISSION = 4
-DRIVER_NOT_LOADED = 9
-TIMEOUT = 10
-LIBRARY_NOT_FOUND = 12
-FUNCTION_NOT_FOUND = 13
-GPU_IS_LOST = 15
-RESET_REQUIRED = 16
-ARGUMENT_VERSION_MISMATCH = 25
-
-NO_GPU_ERRORS = frozenset({LIBRARY_NOT_FOUND, DRIVER_NOT_LOADED, NO_PERMISSION})
-UNSUPPORTED_ERRORS = frozenset({NOT_SUPPORTED, FUNCTION_NOT_FOUND, NO_PERMISSION})
-LOST_ERRORS = frozenset({GPU_IS_LOST, RESET_REQUIRED})
 # NVIDIA's XID catalog: 79 "GPU has fallen off the bus" - NVML calls fail from then on anyway.
 XID_GPU_LOST = frozenset({79})
 
@@ -157,9 +146,8 @@ class GpuSampler:
         self._started = True
         nvml = self._nvml
         if nvml is None:
-            try:
-                import pynvml as nvml
-            except ImportError:
+            nvml = nvml_seam.load()
+            if nvml is None:
                 log.info("gpu.nvml_unavailable", reason="pynvml is not installed")
                 return False
             self._nvml = nvml
@@ -390,6 +378,3 @@ class GpuSampler:
         except nvml.NVMLError as exc:
             log.debug("gpu.nvml_shutdown_failed", error=str(exc))
 
-
-def _code(exc: Exception) -> int | None:
-    return getattr(exc, "value", None)

@@ -24,6 +24,7 @@ This module only knows the file format; which parameters a job kind needs is the
 
 from __future__ import annotations
 
+from sdagent.errors import SdagentError
 import copy
 import json
 import re
@@ -38,7 +39,7 @@ BUILTIN = "builtin"  # the ``source`` of a template shipped in this package
 _FILE_NAME = re.compile(r"^(?P<name>[a-z0-9_-]+)\.v(?P<version>[1-9][0-9]*)\.json$")
 
 
-class TemplateError(ValueError):
+class TemplateError(SdagentError, ValueError):
     """Raised when a template file is missing, not JSON, or inconsistent with its own graph."""
 
 
