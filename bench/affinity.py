@@ -34,6 +34,7 @@ from common import (
     wait_answered,
     wait_for_group,
 )
+
 from sdagent.client import Client
 from sdagent.devstack.stack import ensure_topics, settings_from, spawn_agent, stack_config
 

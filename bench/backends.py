@@ -52,11 +52,12 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from common import emit, percentile, say, setup, summary
+
 from sdagent.backends.config import WebUIBackendConfig
 from sdagent.backends.registry import build_backend, parse_config
 from sdagent.devstack.kafka import free_loopback_port
@@ -84,9 +85,11 @@ def main() -> None:
     setup()
     load_before = os.getloadavg()[0]
     floor_ms = args.steps * args.step_latency_s * 1000
-    say(f"backends benchmark: a1111 and comfyui adapters against the WebUI SIMULATOR (`sdagent sim`), "
+    say(
+        f"backends benchmark: a1111 and comfyui adapters against the WebUI SIMULATOR (`sdagent sim`), "
         f"supervised as the agent does; {args.jobs} txt2img jobs per kind (+{args.warmup} warm-up), 64x64, "
-        f"{args.steps} steps x {args.step_latency_s * 1000:g} ms = {floor_ms:g} ms of simulated sampling per job")
+        f"{args.steps} steps x {args.step_latency_s * 1000:g} ms = {floor_ms:g} ms of simulated sampling per job"
+    )
 
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="sdagent-bench-backends-") as workdir:
@@ -95,26 +98,32 @@ def main() -> None:
 
     load_after = os.getloadavg()[0]
     say("")
-    say(f"machine: {os.cpu_count()} CPUs, 1-minute load average {load_before:.2f} before, {load_after:.2f} after "
-        "(the simulator, this script and anything else running share them; a loaded machine shows in the p99s)")
-    say("start-up is the simulator's (an interpreter and an HTTP server), NOT a real WebUI's, which "
-        "loads torch and a checkpoint first (tens of seconds)")
+    say(
+        f"machine: {os.cpu_count()} CPUs, 1-minute load average {load_before:.2f} before, {load_after:.2f} after "
+        "(the simulator, this script and anything else running share them; a loaded machine shows in the p99s)"
+    )
+    say(
+        "start-up is the simulator's (an interpreter and an HTTP server), NOT a real WebUI's, which "
+        "loads torch and a checkpoint first (tens of seconds)"
+    )
     for kind in KINDS:
         r = results[kind]
-        say(f"{kind:>8}: ready {r['ready_s']:.2f} s ({FINE_PROBE_INTERVAL_S * 1000:g} ms probe, max of "
+        say(
+            f"{kind:>8}: ready {r['ready_s']:.2f} s ({FINE_PROBE_INTERVAL_S * 1000:g} ms probe, max of "
             f"{args.starts}), {r['ready_default_probe_s']:.2f} s (default {PROBE_INTERVAL_S:g} s probe); "
             f"overhead over the simulator's own time p50 {r['overhead_p50_ms']:.2f} ms, "
             f"p99 {r['overhead_p99_ms']:.2f} ms; "
-            f"generate() p50 {r['total_p50_ms']:.2f} ms, p99 {r['total_p99_ms']:.2f} ms")
+            f"generate() p50 {r['total_p50_ms']:.2f} ms, p99 {r['total_p99_ms']:.2f} ms"
+        )
 
     figures: dict[str, Any] = {
         "ready_s": round(max(results[kind]["ready_s"] for kind in KINDS), 3),
         "ready_measure": f"supervisor.start() -> wait_ready(), probe every {FINE_PROBE_INTERVAL_S * 1000:g} ms, "
-                         "max over kinds and starts; the SIMULATOR's start (sdagent sim), not a real WebUI's",
+        "max over kinds and starts; the SIMULATOR's start (sdagent sim), not a real WebUI's",
         "ready_default_probe_s": round(max(results[kind]["ready_default_probe_s"] for kind in KINDS), 3),
         "ready_starts_per_kind": args.starts,
         "overhead_measure": "generate() wall time minus the simulator's own per-job ms "
-                            "(its sim.a1111_generated / sim.comfy_executed log line)",
+        "(its sim.a1111_generated / sim.comfy_executed log line)",
         "jobs_per_kind": args.jobs,
         "warmup_jobs": args.warmup,
         "steps": args.steps,
@@ -165,8 +174,12 @@ def backend_config(kind: str, port: int, step_latency_s: float) -> WebUIBackendC
             # Bounds a job that hangs: the supervisor interrupts it (the job then fails the run).
             "job_timeout_s": 30,
             "stall_timeout_s": 10,
-            "process": {"command": command, "ready_timeout_s": READY_LIMIT_S, "stop_timeout_s": 10,
-                        "env": {"PYTHONUNBUFFERED": "1"}},
+            "process": {
+                "command": command,
+                "ready_timeout_s": READY_LIMIT_S,
+                "stop_timeout_s": 10,
+                "env": {"PYTHONUNBUFFERED": "1"},
+            },
         }
     )
     assert isinstance(config, WebUIBackendConfig)
@@ -196,8 +209,10 @@ def start_supervised(kind: str, log_path: Path, step_latency_s: float, **seams: 
     if not ready:
         supervisor.stop()
         backend.close()
-        raise RuntimeError(f"{kind}: simulator not ready within {READY_LIMIT_S} s ({supervisor.ready_reason}); "
-                           f"its output:\n{tail(log_path)}")
+        raise RuntimeError(
+            f"{kind}: simulator not ready within {READY_LIMIT_S} s ({supervisor.ready_reason}); "
+            f"its output:\n{tail(log_path)}"
+        )
     return backend, supervisor, config, ready_s, started_wall
 
 
@@ -218,14 +233,18 @@ def run_kind(kind: str, workdir: Path, args: argparse.Namespace, floor_ms: float
         if listening_s is not None:
             listening.append(listening_s)
         said = f"{listening_s:.2f} s" if listening_s is not None else "(no sim.started line)"
-        say(f"[{kind}] start {start + 1}: ready {ready_after_s:.2f} s after supervisor.start() with a "
-            f"{FINE_PROBE_INTERVAL_S * 1000:g} ms probe interval; the simulator logged sim.started {said} after it")
+        say(
+            f"[{kind}] start {start + 1}: ready {ready_after_s:.2f} s after supervisor.start() with a "
+            f"{FINE_PROBE_INTERVAL_S * 1000:g} ms probe interval; the simulator logged sim.started {said} after it"
+        )
 
     # 2. As the agent runs it: default probe interval; the jobs run on this one.
     log_path = workdir / f"{kind}.log"
     backend, supervisor, config, default_ready_s, _ = start_supervised(kind, log_path, args.step_latency_s)
-    say(f"[{kind}] start for the jobs: ready {default_ready_s:.2f} s after supervisor.start() with the default "
-        f"{PROBE_INTERVAL_S:g} s probe interval (its first probe goes out before the child listens)")
+    say(
+        f"[{kind}] start for the jobs: ready {default_ready_s:.2f} s after supervisor.start() with the default "
+        f"{PROBE_INTERVAL_S:g} s probe interval (its first probe goes out before the child listens)"
+    )
     try:
         if backend.loaded_model() != MODEL:
             backend.switch_model(MODEL)  # as the job loop does before a model's first job
@@ -248,8 +267,10 @@ def run_kind(kind: str, workdir: Path, args: argparse.Namespace, floor_ms: float
     finally:
         supervisor.stop()
         backend.close()
-    say(f"[{kind}] {len(timed)} jobs in {run_s:.1f} s ({len(timed) / run_s:.1f} jobs/s); "
-        f"supervisor restarts {supervisor.restarts}, hangs {supervisor.hangs}")
+    say(
+        f"[{kind}] {len(timed)} jobs in {run_s:.1f} s ({len(timed) / run_s:.1f} jobs/s); "
+        f"supervisor restarts {supervisor.restarts}, hangs {supervisor.hangs}"
+    )
 
     sim_ms = sim_times(kind, log_path)
     totals, overheads, sims, inferences = [], [], [], []
@@ -267,13 +288,17 @@ def run_kind(kind: str, workdir: Path, args: argparse.Namespace, floor_ms: float
     generations = stats.get("events", {}).get(f"generations_{kind}", 0)
     say(f"[{kind}] generate() end to end:                    {summary(totals)}")
     say(f"[{kind}] simulator's own time per job (its log):   {summary(sims)}")
-    say(f"[{kind}]   of which above the {floor_ms:g} ms floor:          "
-        f"p50 {percentile(sims, 50) - floor_ms:.2f}  p99 {percentile(sims, 99) - floor_ms:.2f} ms")
+    say(
+        f"[{kind}]   of which above the {floor_ms:g} ms floor:          "
+        f"p50 {percentile(sims, 50) - floor_ms:.2f}  p99 {percentile(sims, 99) - floor_ms:.2f} ms"
+    )
     say(f"[{kind}] adapter overhead (generate() - simulator): {summary(overheads)}")
     say(f"[{kind}] generate() - floor:                       {summary(over_floor)}")
     say(f"[{kind}] outside the adapter's inference_ms (request building, result decoding): {summary(local)}")
-    say(f"[{kind}] simulator saw {generations} generations and {sum(requests.values())} requests for "
-        f"{len(timed)} jobs: " + ", ".join(f"{route} {count}" for route, count in sorted(requests.items())))
+    say(
+        f"[{kind}] simulator saw {generations} generations and {sum(requests.values())} requests for "
+        f"{len(timed)} jobs: " + ", ".join(f"{route} {count}" for route, count in sorted(requests.items()))
+    )
     if generations != len(timed):
         raise RuntimeError(f"{kind}: the simulator ran {generations} generations for {len(timed)} jobs")
     return {
@@ -308,7 +333,7 @@ def make_job(job_id: str, seed: int, steps: int) -> Job:
             "width": 64,
             "height": 64,
             "output": {"format": "png"},
-            "submitted_at": datetime.now(timezone.utc),
+            "submitted_at": datetime.now(UTC),
         }
     )
 

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import boto3
 from botocore.config import Config
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from common import emit, say, setup
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
 from sdagent.cache import ModelCache, S3Source
 from sdagent.cache.manifest import Manifest, ModelEntry
 from sdagent.cache.sources.directory import DirectorySource
@@ -93,10 +94,14 @@ def directory_bench(work: Path, size: int, files: int, rounds: int) -> dict:
             if name == "cp":
                 cp_s.append(seconds[0])
                 cp_sync_s.append(seconds[0] + seconds[1])
-                say(f"round {round_ + 1}: cp {mbps(total, seconds[0]):6.0f} MB/s, cp + sync {mbps(total, sum(seconds)):6.0f} MB/s")
+                say(
+                    f"round {round_ + 1}: cp {mbps(total, seconds[0]):6.0f} MB/s, cp + sync {mbps(total, sum(seconds)):6.0f} MB/s"
+                )
             elif name == "stage":
                 stage_s.append(seconds)
-                say(f"round {round_ + 1}: staging {mbps(total, seconds):6.0f} MB/s (prewarm: sha256 verified, fsynced, renamed)")
+                say(
+                    f"round {round_ + 1}: staging {mbps(total, seconds):6.0f} MB/s (prewarm: sha256 verified, fsynced, renamed)"
+                )
             else:
                 floor_s.append(seconds)
                 say(f"round {round_ + 1}: kernel copy + fsync per file, no hash {mbps(total, seconds):6.0f} MB/s")

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ from sdagent.devstack.kafka import KafkaBroker, broker_from_env
 from sdagent.devstack.moto import MotoServer, aws_client
 from sdagent.devstack.stack import local_aws_environment
 from sdagent.jobs import Job, StatusEvent
-from sdagent.logs import configure_logging
 from sdagent.kafka.records import STATUS_HEADER
+from sdagent.logs import configure_logging
 
 MODEL = "sd15.safetensors"  # the simulated backend's first model: loaded once, never switched
 # One prompt and one seed for every job: the simulated backend's encode cache then hands back the
@@ -138,7 +138,7 @@ def bench_job(job_id: str | None = None, **fields: Any) -> Job:
         "width": 512,
         "height": 512,
         "output": {"format": "png"},
-        "submitted_at": datetime.now(timezone.utc),
+        "submitted_at": datetime.now(UTC),
         **fields,
     }
     if job_id is not None:

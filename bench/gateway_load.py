@@ -26,8 +26,16 @@ import uuid
 from pathlib import Path
 
 from common import CpuMeter, Services, cpu_line, emit, percentile, say, setup, stop_agents, summary, wait_for_group
+
 from sdagent.devstack.kafka import die_with_parent, free_loopback_port
-from sdagent.devstack.stack import ensure_topics, local_aws_environment, settings_from, spawn_agent, stack_config, write_config
+from sdagent.devstack.stack import (
+    ensure_topics,
+    local_aws_environment,
+    settings_from,
+    spawn_agent,
+    stack_config,
+    write_config,
+)
 from sdagent.gateway.auth import hash_key
 
 BUCKET = "sdagent-bench-gateway"
@@ -91,7 +99,9 @@ async def sync_load(url: str, rate: float, duration_s: float) -> dict:
         await asyncio.sleep(max(0.0, planned - time.perf_counter()))
         async with session.post(f"{url}/v1/jobs?wait=30", data=body, headers=headers) as response:
             answer = await response.json()
-        statuses[f"{response.status} {answer.get('status')}"] = statuses.get(f"{response.status} {answer.get('status')}", 0) + 1
+        statuses[f"{response.status} {answer.get('status')}"] = (
+            statuses.get(f"{response.status} {answer.get('status')}", 0) + 1
+        )
         latencies.append((time.perf_counter() - planned) * 1000)  # from the planned start
 
     count = int(rate * duration_s)
@@ -208,7 +218,9 @@ def main() -> None:
             stop(gateway)
         submits_per_s = args.jobs / load["elapsed_s"]
         say(f"async: {cpu_line(*async_cpu, args.jobs)}")
-        say(f"async: {submits_per_s:.0f} submissions/s, statuses {load['statuses']}; latency {summary(load['latencies_ms'])}")
+        say(
+            f"async: {submits_per_s:.0f} submissions/s, statuses {load['statuses']}; latency {summary(load['latencies_ms'])}"
+        )
         raw = in_second_process("--worker", "raw", "--bootstrap", services.bootstrap,
                                 "--topic", async_config["topics"]["jobs"], "--jobs", str(args.jobs))  # fmt: skip
         raw_per_s = raw["delivered"] / raw["elapsed_s"]

@@ -33,12 +33,12 @@ from typing import Any
 import psutil
 
 from sdagent.devstack.moto import DUMMY_CREDENTIALS, MotoServer
+from sdagent.gpu.fake import REALISTIC_CALL_COSTS_S, FakeNvml
 from sdagent.logs import configure_logging
 from sdagent.metrics.clock import ScaledClock
 from sdagent.metrics.cloudwatch import CloudWatchSink, cloudwatch_client
 from sdagent.metrics.config import MetricsConfig
 from sdagent.metrics.dimensions import InstanceIdentity
-from sdagent.gpu.fake import REALISTIC_CALL_COSTS_S, FakeNvml
 from sdagent.metrics.jobs import JobMetrics
 from sdagent.metrics.nvml import GpuSampler
 from sdagent.metrics.publisher import MetricsPublisher
@@ -124,7 +124,13 @@ def run(endpoint: str, *, resolution: int, minutes: float, factor: float, gpus: 
 
     def job_loop() -> None:
         jobs = publisher.jobs
-        timings = {"queue_wait_ms": 40.0, "switch_ms": 0.0, "inference_ms": 7400.0, "upload_ms": 120.0, "total_ms": 7600.0}
+        timings = {
+            "queue_wait_ms": 40.0,
+            "switch_ms": 0.0,
+            "inference_ms": 7400.0,
+            "upload_ms": 120.0,
+            "total_ms": 7600.0,
+        }
         index = 0
         while not clock.wait(stop, JOB_EVERY_S):
             started = time.perf_counter()
@@ -183,13 +189,17 @@ def report(label: str, result: Run) -> None:
     say(f"{label}: {minutes:.1f} simulated minutes, {result.samples}/{result.samples_due} GPU samples taken")
     cross = f" (psutil {result.cpu_s_psutil:.3f} s)" if result.cpu_s_psutil is not None else ""
     say(f"  publisher thread CPU {result.cpu_s:.3f} s{cross} = {result.cpu_fraction:.5f} of one core")
-    say(f"  PutMetricData {result.put_calls} calls = {result.put_calls_per_min:.2f} a minute, "
-        f"{result.datums / minutes:.0f} data points a minute, {result.distinct_metrics} distinct metrics")
+    say(
+        f"  PutMetricData {result.put_calls} calls = {result.put_calls_per_min:.2f} a minute, "
+        f"{result.datums / minutes:.0f} data points a minute, {result.distinct_metrics} distinct metrics"
+    )
     request_usd = result.put_calls_per_min * MINUTES_PER_MONTH * PUT_METRIC_DATA_USD_PER_1000 / 1000
     metric_usd = result.distinct_metrics * METRIC_USD_PER_MONTH
     say(f"  per instance-month: requests ${request_usd:.2f}, metrics ${metric_usd:.2f} (list prices, first tier)")
-    say(f"  job loop: {result.job_record_us:.1f} us of recording per job (p99 {result.job_record_p99_us:.0f} us; "
-        f"a thread just woken runs on cold caches), the client's first request: {result.first_call_cpu_ms:.0f} ms CPU, once")
+    say(
+        f"  job loop: {result.job_record_us:.1f} us of recording per job (p99 {result.job_record_p99_us:.0f} us; "
+        f"a thread just woken runs on cold caches), the client's first request: {result.first_call_cpu_ms:.0f} ms CPU, once"
+    )
 
 
 def main() -> None:
@@ -201,13 +211,28 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging("console", "warning")
     with MotoServer() as moto:
-        say(f"moto up at {moto.endpoint}; {args.gpus} fake GPU(s), assumed NVML call costs" if not args.real_nvml
-            else f"moto up at {moto.endpoint}; real NVML")
-        standard = run(moto.endpoint, resolution=60, minutes=args.minutes, factor=STANDARD_FACTOR,
-                       gpus=args.gpus, real_nvml=args.real_nvml)
+        say(
+            f"moto up at {moto.endpoint}; {args.gpus} fake GPU(s), assumed NVML call costs"
+            if not args.real_nvml
+            else f"moto up at {moto.endpoint}; real NVML"
+        )
+        standard = run(
+            moto.endpoint,
+            resolution=60,
+            minutes=args.minutes,
+            factor=STANDARD_FACTOR,
+            gpus=args.gpus,
+            real_nvml=args.real_nvml,
+        )
         report("standard resolution (60 s publishes, 10 s samples)", standard)
-        high = run(moto.endpoint, resolution=1, minutes=args.minutes_1s, factor=HIGH_RES_FACTOR,
-                   gpus=args.gpus, real_nvml=args.real_nvml)
+        high = run(
+            moto.endpoint,
+            resolution=1,
+            minutes=args.minutes_1s,
+            factor=HIGH_RES_FACTOR,
+            gpus=args.gpus,
+            real_nvml=args.real_nvml,
+        )
         report("high resolution (10 s publishes, 1 s samples)", high)
     figures = {
         "cpu_fraction": round(standard.cpu_fraction, 6),

@@ -42,8 +42,6 @@ from pathlib import Path
 
 import boto3
 from botocore.config import Config as BotoConfig
-from confluent_kafka import Consumer, Producer, TopicPartition
-
 from common import (
     MODEL,
     CpuMeter,
@@ -64,6 +62,8 @@ from common import (
     use_log_append_time,
     wait_answered,
 )
+from confluent_kafka import Consumer, Producer, TopicPartition
+
 from sdagent.backends.simulated import SimulatedBackend
 from sdagent.devstack.stack import ensure_topics, settings_from, spawn_agent, stack_config
 from sdagent.jobs import StatusEvent
@@ -96,21 +96,29 @@ def main() -> None:
     setup()
 
     png = reference_png()
-    say(f"pipeline benchmark: {args.jobs} jobs (+{args.warmup} warm-up), 512x512 PNG of {len(png)} bytes, "
-        f"zero-latency simulated backend, moto S3, one agent")
+    say(
+        f"pipeline benchmark: {args.jobs} jobs (+{args.warmup} warm-up), 512x512 PNG of {len(png)} bytes, "
+        f"zero-latency simulated backend, moto S3, one agent"
+    )
     with Services(BUCKET) as services, tempfile.TemporaryDirectory(prefix="sdagent-bench-") as workdir:
         agent = run_agent(services, Path(workdir), args.jobs, args.warmup, args.client_config)
         raw = run_raw(services, png, args.jobs, args.warmup)
 
     ratio = agent["jobs_per_s"] / raw["jobs_per_s"]
     say("")
-    say(f"agent: {agent['jobs_per_s']:.1f} jobs/s, per job (inter-completion) p50 {agent['p50_ms']:.2f} ms, "
-        f"p99 {agent['p99_ms']:.2f} ms")
-    say(f"raw:   {raw['jobs_per_s']:.1f} jobs/s, per job (inter-completion) p50 {raw['p50_ms']:.2f} ms, "
-        f"p99 {raw['p99_ms']:.2f} ms")
-    say(f"ratio agent/raw {ratio:.2f} (goal >= {GOAL_RATIO}: {'met' if ratio >= GOAL_RATIO else 'NOT met'}); "
+    say(
+        f"agent: {agent['jobs_per_s']:.1f} jobs/s, per job (inter-completion) p50 {agent['p50_ms']:.2f} ms, "
+        f"p99 {agent['p99_ms']:.2f} ms"
+    )
+    say(
+        f"raw:   {raw['jobs_per_s']:.1f} jobs/s, per job (inter-completion) p50 {raw['p50_ms']:.2f} ms, "
+        f"p99 {raw['p99_ms']:.2f} ms"
+    )
+    say(
+        f"ratio agent/raw {ratio:.2f} (goal >= {GOAL_RATIO}: {'met' if ratio >= GOAL_RATIO else 'NOT met'}); "
         f"agent p99 {agent['p99_ms']:.2f} ms (goal < {GOAL_P99_MS:.0f}: "
-        f"{'met' if agent['p99_ms'] < GOAL_P99_MS else 'NOT met'})")
+        f"{'met' if agent['p99_ms'] < GOAL_P99_MS else 'NOT met'})"
+    )
     emit(
         {
             "jobs": agent["jobs"],
@@ -167,8 +175,10 @@ def run_agent(services: Services, workdir: Path, jobs: int, warmup: int, client_
     job_ids = [f"pipe-{index:05d}" for index in range(warmup + jobs)]
     started = time.monotonic()
     preload_jobs(services.bootstrap, settings.topics.jobs, job_ids)
-    say(f"\n[agent] preloaded {len(job_ids)} jobs into {settings.topics.jobs} "
-        f"({JOBS_PARTITIONS} partitions) in {time.monotonic() - started:.1f} s; starting `sdagent run`")
+    say(
+        f"\n[agent] preloaded {len(job_ids)} jobs into {settings.topics.jobs} "
+        f"({JOBS_PARTITIONS} partitions) in {time.monotonic() - started:.1f} s; starting `sdagent run`"
+    )
 
     reader = ResultsReader(services.bootstrap, settings.topics.results)
     process = spawn_agent(config, workdir, "agent")
@@ -189,11 +199,15 @@ def run_agent(services: Services, workdir: Path, jobs: int, warmup: int, client_
         codes = stop_agents([process])
         reader.close()
     answered = len(reader.completions)
-    say(f"[agent] {answered}/{len(job_ids)} answered {time.monotonic() - started:.1f} s after spawn "
-        f"(includes interpreter and group start-up); agent exit code {codes[0]}")
+    say(
+        f"[agent] {answered}/{len(job_ids)} answered {time.monotonic() - started:.1f} s after spawn "
+        f"(includes interpreter and group start-up); agent exit code {codes[0]}"
+    )
     if not complete:
-        say(f"[agent] TIME LIMIT ({AGENT_RUN_LIMIT_S:g} s) reached: the figures below cover the "
-            f"{answered - warmup} measured jobs answered in time, not {jobs}")
+        say(
+            f"[agent] TIME LIMIT ({AGENT_RUN_LIMIT_S:g} s) reached: the figures below cover the "
+            f"{answered - warmup} measured jobs answered in time, not {jobs}"
+        )
 
     completions = sorted(reader.completions.values(), key=lambda c: c.broker_ms)
     statuses = {c.status for c in completions}
@@ -229,12 +243,16 @@ def run_agent(services: Services, workdir: Path, jobs: int, warmup: int, client_
     for name in ("queue_wait_ms", "inference_ms", "upload_ms"):
         values = [e.timings_ms[name] for e in events if name in e.timings_ms]
         say(f"[agent]   {name:<14} p50 {percentile(values, 50):.2f} ms  p99 {percentile(values, 99):.2f} ms")
-    say(f"[agent] mean per job outside total_ms (answer, commit, next fetch, scheduling): "
+    say(
+        f"[agent] mean per job outside total_ms (answer, commit, next fetch, scheduling): "
         f"{figures['outside_total_ms_mean']:.2f} ms; results topic records read: {reader.records} "
-        f"({reader.records / answered:.1f} per job)")
+        f"({reader.records / answered:.1f} per job)"
+    )
     say(f"[agent] idle between jobs (answer built -> next job's first event, agent clock): {summary(idle)}")
-    say(f"[agent]   {len(stalls)} stalls over {STALL_MS:g} ms took {sum(stalls) / 1000:.1f} s, "
-        f"{figures['stall_share_of_time']:.0%} of the measured {span_ms / 1000:.1f} s")
+    say(
+        f"[agent]   {len(stalls)} stalls over {STALL_MS:g} ms took {sum(stalls) / 1000:.1f} s, "
+        f"{figures['stall_share_of_time']:.0%} of the measured {span_ms / 1000:.1f} s"
+    )
     say(f"[agent] {cpu_line(cpu_used, cpu_wall, cpu_jobs)}")
     say(f"[agent] throughput {figures['jobs_per_s']:.1f} jobs/s over {len(gaps)} jobs in {span_ms / 1000:.2f} s")
     figures["agent_cpu_ms_per_job"] = cpu_used.get("agents", 0.0) * 1000 / max(cpu_jobs, 1)
@@ -308,7 +326,7 @@ def run_raw(services: Services, png: bytes, jobs: int, warmup: int) -> dict[str,
             outcome: list = []
             producer.produce(
                 results_topic, key=job_id.encode(), value=json.dumps(result).encode(),
-                on_delivery=lambda err, _msg: outcome.append(err),
+                on_delivery=lambda err, _msg, outcome=outcome: outcome.append(err),
             )  # fmt: skip
             producer.flush(30)
             produce_ms.append((time.perf_counter() - since) * 1000)

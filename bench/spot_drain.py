@@ -40,13 +40,13 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from common import Services, agent_log_tail, bench_job, emit, say, setup, stop_agents
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from common import Services, agent_log_tail, bench_job, emit, say, setup, stop_agents
 from sdagent.devstack.fake_imds import FakeImds
 from sdagent.devstack.stack import ensure_topics, settings_from, spawn_agent, stack_config
 from sdagent.jobs import Status, StatusEvent
@@ -76,9 +76,11 @@ def main() -> None:
     args = parser.parse_args()
     setup()
 
-    say(f"spot drain benchmark: {args.jobs} jobs per scenario, {STEPS} steps x {STEP_LATENCY_S:g} s "
+    say(
+        f"spot drain benchmark: {args.jobs} jobs per scenario, {STEPS} steps x {STEP_LATENCY_S:g} s "
         f"(~{STEPS * STEP_LATENCY_S:g} s per job) on agent A, IMDS polled every {IMDS_INTERVAL_S:g} s, "
-        f"{JOBS_PARTITIONS} jobs partitions")
+        f"{JOBS_PARTITIONS} jobs partitions"
+    )
     scenarios: dict[str, dict[str, Any]] = {}
     with Services(BUCKET) as services, workdir_for(args.keep_logs) as workdir:
         for label, window_s in (("window_120s", 120.0), (f"window_{args.short_window:g}s", args.short_window)):
@@ -89,14 +91,18 @@ def main() -> None:
     duplicated = sum(s["duplicated"] for s in scenarios.values())
     say("")
     for label, s in scenarios.items():
-        say(f"{label}: seen {fmt(s['seen_s'])} s, intake stopped {fmt(s['stop_s'])} s, consumer closed "
+        say(
+            f"{label}: seen {fmt(s['seen_s'])} s, intake stopped {fmt(s['stop_s'])} s, consumer closed "
             f"{fmt(s['release_s'])} s after the notice; running job {s['running_job_outcome']}; "
-            f"lost {s['lost']}, duplicated {s['duplicated']} of {s['jobs']}")
+            f"lost {s['lost']}, duplicated {s['duplicated']} of {s['jobs']}"
+        )
     release_s = released_case["release_s"]
-    say(f"release_s (released case) {fmt(release_s)} s (goal < {GOAL_RELEASE_S:g}: "
+    say(
+        f"release_s (released case) {fmt(release_s)} s (goal < {GOAL_RELEASE_S:g}: "
         f"{'met' if release_s is not None and release_s < GOAL_RELEASE_S else 'NOT met'}); "
         f"lost {lost} (goal 0: {'met' if lost == 0 else 'NOT met'}), "
-        f"duplicated {duplicated} (goal 0: {'met' if duplicated == 0 else 'NOT met'})")
+        f"duplicated {duplicated} (goal 0: {'met' if duplicated == 0 else 'NOT met'})"
+    )
     emit(
         {
             "stop_s": released_case["stop_s"],
@@ -154,8 +160,10 @@ def run_scenario(services: Services, workdir: Path, label: str, window_s: float,
     job_ids = [f"{tag}-{index:02d}" for index in range(jobs)]
     partitions = submit_jobs(services.bootstrap, settings.topics.jobs, job_ids)
     spread = Counter(partitions.values())
-    say(f"[{label}] queued {len(job_ids)} jobs on {settings.topics.jobs}, per partition "
-        f"{dict(sorted(spread.items()))}; starting agent A ({instance_id}) with IMDS at the fake")
+    say(
+        f"[{label}] queued {len(job_ids)} jobs on {settings.topics.jobs}, per partition "
+        f"{dict(sorted(spread.items()))}; starting agent A ({instance_id}) with IMDS at the fake"
+    )
 
     events = EventLog(services.bootstrap, settings.topics.results)
     imds = FakeImds().start()
@@ -169,20 +177,21 @@ def run_scenario(services: Services, workdir: Path, label: str, window_s: float,
         running = events.wait_first(lambda e: e.status is Status.STARTED and e.agent == instance_id, A_START_LIMIT_S)
         if running is None:
             raise RuntimeError(f"agent A started no job within {A_START_LIMIT_S:g} s")
-        say(f"[{label}] A started {running.job_id} {time.monotonic() - spawned:.1f} s after spawn; "
-            f"the other {len(job_ids) - 1} wait on A (read ahead)")
+        say(
+            f"[{label}] A started {running.job_id} {time.monotonic() - spawned:.1f} s after spawn; "
+            f"the other {len(job_ids) - 1} wait on A (read ahead)"
+        )
         time.sleep(RUN_BEFORE_NOTICE_S)
 
         # The notice: IMDS states whole seconds, so the deadline is rounded up (window >= asked).
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         deadline = now + timedelta(seconds=window_s)
         deadline = deadline.replace(microsecond=0) + timedelta(seconds=1 if deadline.microsecond else 0)
         imds.spot("terminate", deadline)
         noticed_wall = time.time()
         noticed = time.monotonic()
         effective_window_s = deadline.timestamp() - noticed_wall
-        say(f"[{label}] notice set in IMDS: terminate at {deadline.isoformat()} "
-            f"({effective_window_s:.1f} s from now)")
+        say(f"[{label}] notice set in IMDS: terminate at {deadline.isoformat()} ({effective_window_s:.1f} s from now)")
         try:
             a_code = agent_a.wait(A_EXIT_LIMIT_S)
         except subprocess.TimeoutExpired:
@@ -190,9 +199,21 @@ def run_scenario(services: Services, workdir: Path, label: str, window_s: float,
             raise RuntimeError(f"agent A did not leave within {A_EXIT_LIMIT_S:g} s of the notice") from None
         a_exit_s = time.monotonic() - noticed
         drain = drain_timeline(workdir / f"{a_name}.log", noticed_wall)
-        say(f"[{label}] A exited with {a_code} {a_exit_s:.2f} s after the notice; from its log: "
-            + ", ".join(f"{name} {fmt(drain[name])} s" for name in
-                        ("seen_s", "stop_requested_s", "draining_s", "stop_s", "released_s", "release_s", "stopped_s")))
+        say(
+            f"[{label}] A exited with {a_code} {a_exit_s:.2f} s after the notice; from its log: "
+            + ", ".join(
+                f"{name} {fmt(drain[name])} s"
+                for name in (
+                    "seen_s",
+                    "stop_requested_s",
+                    "draining_s",
+                    "stop_s",
+                    "released_s",
+                    "release_s",
+                    "stopped_s",
+                )
+            )
+        )
 
         config_b = copy.deepcopy(config)
         config_b["agent"]["instance_id"] = f"agent-b-{tag}"
@@ -216,12 +237,36 @@ def run_scenario(services: Services, workdir: Path, label: str, window_s: float,
 
     answers = read_results(services.bootstrap, settings.topics.results)
     requeued = count_records(services.bootstrap, settings.topics.jobs) - len(job_ids)
-    return summarize(label, window_s, effective_window_s, job_ids, answers, instance_id, running.job_id,
-                     drain, a_code, a_exit_s, codes, requeued)
+    return summarize(
+        label,
+        window_s,
+        effective_window_s,
+        job_ids,
+        answers,
+        instance_id,
+        running.job_id,
+        drain,
+        a_code,
+        a_exit_s,
+        codes,
+        requeued,
+    )
 
 
-def summarize(label, window_s, effective_window_s, job_ids, answers, instance_id, running_id,
-              drain, a_code, a_exit_s, codes, requeued) -> dict[str, Any]:
+def summarize(
+    label,
+    window_s,
+    effective_window_s,
+    job_ids,
+    answers,
+    instance_id,
+    running_id,
+    drain,
+    a_code,
+    a_exit_s,
+    codes,
+    requeued,
+) -> dict[str, Any]:
     terminal = {job_id: [e for e in answers.get(job_id, []) if e.status.is_terminal] for job_id in job_ids}
     lost = sorted(job_id for job_id, evs in terminal.items() if not any(e.status is Status.SUCCEEDED for e in evs))
     duplicated = sorted(job_id for job_id, evs in terminal.items() if len(evs) > 1)
@@ -238,15 +283,22 @@ def summarize(label, window_s, effective_window_s, job_ids, answers, instance_id
     answered_by = Counter(
         "A" if e.agent == instance_id else "B" for evs in terminal.values() for e in evs if e.status is Status.SUCCEEDED
     )
-    started_on_a = sorted({e.job_id for evs in answers.values() for e in evs
-                           if e.status is Status.STARTED and e.agent == instance_id})
-    say(f"[{label}] running job {running_id}: {outcome}; jobs started on A: {started_on_a}; "
-        f"succeeded by A {answered_by.get('A', 0)}, by B {answered_by.get('B', 0)}; requeued records {requeued}")
-    say(f"[{label}] lost {len(lost)} {lost or ''}, duplicated {len(duplicated)} {duplicated or ''}"
-        + (f"; answers for unknown jobs {stray}" if stray else ""))
+    started_on_a = sorted(
+        {e.job_id for evs in answers.values() for e in evs if e.status is Status.STARTED and e.agent == instance_id}
+    )
+    say(
+        f"[{label}] running job {running_id}: {outcome}; jobs started on A: {started_on_a}; "
+        f"succeeded by A {answered_by.get('A', 0)}, by B {answered_by.get('B', 0)}; requeued records {requeued}"
+    )
+    say(
+        f"[{label}] lost {len(lost)} {lost or ''}, duplicated {len(duplicated)} {duplicated or ''}"
+        + (f"; answers for unknown jobs {stray}" if stray else "")
+    )
     for job_id in duplicated:
-        say(f"[{label}]   {job_id}: " + ", ".join(f"{e.status.value} by {e.agent} (attempt {e.attempt})"
-                                                for e in terminal[job_id]))
+        say(
+            f"[{label}]   {job_id}: "
+            + ", ".join(f"{e.status.value} by {e.agent} (attempt {e.attempt})" for e in terminal[job_id])
+        )
     return {
         "window_s": window_s,
         "effective_window_s": round(effective_window_s, 2),
@@ -257,8 +309,10 @@ def summarize(label, window_s, effective_window_s, job_ids, answers, instance_id
         "succeeded_by_a": answered_by.get("A", 0),
         "succeeded_by_b": answered_by.get("B", 0),
         "requeued_records": requeued,
-        **{name: drain[name] for name in ("seen_s", "stop_requested_s", "draining_s", "stop_s", "released_s",
-                                          "release_s", "stopped_s")},
+        **{
+            name: drain[name]
+            for name in ("seen_s", "stop_requested_s", "draining_s", "stop_s", "released_s", "release_s", "stopped_s")
+        },
         "drain_budget_s": drain["budget_s"],
         "a_exit_s": round(a_exit_s, 3),
         "a_exit_code": a_code,
@@ -287,8 +341,9 @@ def submit_jobs(bootstrap: str, topic: str, job_ids: list[str]) -> dict[str, int
 
     for job_id in job_ids:
         job = bench_job(job_id, steps=STEPS)
-        producer.produce(topic, key=job_id.encode(), value=job.model_dump_json(exclude_none=True).encode(),
-                         on_delivery=delivered)
+        producer.produce(
+            topic, key=job_id.encode(), value=job.model_dump_json(exclude_none=True).encode(), on_delivery=delivered
+        )
     remaining = producer.flush(30)
     if remaining or failures or len(partitions) != len(job_ids):
         raise RuntimeError(f"queueing jobs on {topic}: {remaining} undelivered, errors {failures[:3]}")
@@ -349,8 +404,14 @@ class EventLog:
 
 def assigned_reader(bootstrap: str, topic: str) -> Consumer:
     """A plain consumer on every partition of ``topic`` from the beginning (no group membership)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-spot-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "enable.auto.offset.store": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"bench-spot-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+        }
+    )
     metadata = consumer.list_topics(topic, timeout=10)
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in metadata.topics[topic].partitions])
     return consumer
@@ -430,7 +491,9 @@ def drain_timeline(path: Path, noticed_wall: float) -> dict[str, Any]:
 
     draining = next((line for line in lines if line.event == "agent.draining"), None)
     return {
-        "seen_s": after(lambda line: line.event == "notice.received" and line.fields.get("kind") == "spot_interruption"),
+        "seen_s": after(
+            lambda line: line.event == "notice.received" and line.fields.get("kind") == "spot_interruption"
+        ),
         "stop_requested_s": after(lambda line: line.event == "agent.stop_requested"),
         "draining_s": after(lambda line: line.event == "agent.draining"),
         "stop_s": after(lambda line: line.event == "intake.held" and line.fields.get("reason") == "draining"),

@@ -47,6 +47,7 @@ from common import (
     wait_answered,
     wait_for_group,
 )
+
 from sdagent.client import Client
 from sdagent.devstack.stack import ensure_topics, settings_from, spawn_agent, stack_config
 from sdagent.jobs import StatusEvent
@@ -110,8 +111,10 @@ def main() -> None:
     args = parser.parse_args()
     setup()
 
-    say(f"sync round-trip benchmark: {args.rate:g} jobs/s offered open-loop for {args.duration:g} s "
-        f"(+{args.warmup:g} s warm-up), zero-latency simulated backend, moto S3, agents as subprocesses")
+    say(
+        f"sync round-trip benchmark: {args.rate:g} jobs/s offered open-loop for {args.duration:g} s "
+        f"(+{args.warmup:g} s warm-up), zero-latency simulated backend, moto S3, agents as subprocesses"
+    )
     with Services(BUCKET) as services, tempfile.TemporaryDirectory(prefix="sdagent-bench-") as tmp:
         samples, agents, capacity = run(services, Path(tmp), args)
     emit(report(samples, args, agents, capacity))
@@ -137,8 +140,10 @@ def run(services: Services, workdir: Path, args) -> tuple[list[Sample], int, flo
         needed = math.ceil(args.rate / (capacity * TARGET_UTILIZATION))
         agents = args.agents or min(MAX_AGENTS, max(1, needed))
         capped = " (capped: 2-core machine)" if agents < needed and not args.agents else ""
-        say(f"\none agent drains a backlog at {capacity:.1f} jobs/s; {args.rate:g} jobs/s at "
-            f"<= {TARGET_UTILIZATION:.0%} per agent needs {needed} agents; running {agents}{capped}")
+        say(
+            f"\none agent drains a backlog at {capacity:.1f} jobs/s; {args.rate:g} jobs/s at "
+            f"<= {TARGET_UTILIZATION:.0%} per agent needs {needed} agents; running {agents}{capped}"
+        )
         for index in range(1, agents):
             processes.append(spawn_agent(configs[index], workdir, f"agent-{index}"))
         shares = wait_for_group(services.bootstrap, group, agents, JOBS_PARTITIONS, GROUP_SETTLE_TIMEOUT_S)
@@ -180,8 +185,10 @@ def agent_config(services: Services, index: int, client_config: dict) -> dict:
 
 def measure_capacity(services: Services, jobs_topic: str, reader: ResultsReader, job_ids: set[str], processes) -> float:
     """One agent's drain rate: jobs/s between broker-stamped answers to a preloaded backlog."""
-    say(f"\n[capacity] one agent, backlog of {len(job_ids)} jobs on {JOBS_PARTITIONS} partitions "
-        f"(time limit {CAPACITY_LIMIT_S:g} s)")
+    say(
+        f"\n[capacity] one agent, backlog of {len(job_ids)} jobs on {JOBS_PARTITIONS} partitions "
+        f"(time limit {CAPACITY_LIMIT_S:g} s)"
+    )
     preload_jobs(services.bootstrap, jobs_topic, sorted(job_ids))
     wait_answered(reader, job_ids, processes, CAPACITY_LIMIT_S)
     completions = sorted(
@@ -255,19 +262,25 @@ def report(samples: list[Sample], args, agents: int, capacity: float) -> dict:
     submit = [s.submit_ms for s in measured]
 
     say("")
-    say(f"[load] measured {len(measured)} jobs offered at {offered:.1f}/s (launch lateness p99 "
-        f"{percentile(lateness, 99):.2f} ms); answers: {dict(statuses)}; timeouts: {len(timeouts)}")
+    say(
+        f"[load] measured {len(measured)} jobs offered at {offered:.1f}/s (launch lateness p99 "
+        f"{percentile(lateness, 99):.2f} ms); answers: {dict(statuses)}; timeouts: {len(timeouts)}"
+    )
     say(f"[load] round trip, planned launch -> terminal answer in hand: {summary(latencies)}")
     say(f"[load]   Client.submit inside run (produce + flush until acked): {summary(submit)}")
     say(f"[load]   submit -> agent built the answer (wall clock): {summary(agent_side)}")
     say(f"[load]     of which queue wait in Kafka + intake (queue_wait_ms): {summary(queue_wait)}")
     say(f"[load]     of which run on the agent (timings_ms.total_ms):         {summary(total)}")
-    say(f"[load]   answer built -> in the caller's hand (durable produce, reply fetch, caller still in submit): "
-        f"{summary(reply_side)}")
+    say(
+        f"[load]   answer built -> in the caller's hand (durable produce, reply fetch, caller still in submit): "
+        f"{summary(reply_side)}"
+    )
     say(f"[load] jobs per agent: {dict(sorted(per_agent.items()))}")
     p99 = percentile(latencies, 99)
-    say(f"p50 {percentile(latencies, 50):.2f} ms, p99 {p99:.2f} ms at {offered:.1f} jobs/s offered with {agents} "
-        f"agents (goal p99 < {GOAL_P99_MS:.0f} ms: {'met' if p99 < GOAL_P99_MS else 'NOT met'})")
+    say(
+        f"p50 {percentile(latencies, 50):.2f} ms, p99 {p99:.2f} ms at {offered:.1f} jobs/s offered with {agents} "
+        f"agents (goal p99 < {GOAL_P99_MS:.0f} ms: {'met' if p99 < GOAL_P99_MS else 'NOT met'})"
+    )
     return {
         "p50_ms": round(percentile(latencies, 50), 3),
         "p99_ms": round(p99, 3),

@@ -75,7 +75,9 @@ def problems(template: dict[str, Any]) -> list[str]:
             continue
         reason = _why_no_warm_pool(group.get("Properties") or {}, resources)
         if reason:
-            found.append(f"{name}: warm pool on {group_name}, which {reason}; warm pools need an on-demand, single-template group")
+            found.append(
+                f"{name}: warm pool on {group_name}, which {reason}; warm pools need an on-demand, single-template group"
+            )
     return found
 
 
@@ -91,9 +93,12 @@ def _why_no_warm_pool(group: dict[str, Any], resources: dict[str, Any]) -> str |
             return f"launches Spot Instances (launch template {template_name})"
     configuration_name = _ref(group.get("LaunchConfigurationName"))
     configuration = resources.get(configuration_name) if configuration_name else None
-    if isinstance(configuration, dict) and configuration.get("Type") == LAUNCH_CONFIGURATION:
-        if "SpotPrice" in (configuration.get("Properties") or {}):
-            return f"launches Spot Instances (launch configuration {configuration_name} sets SpotPrice)"
+    if (
+        isinstance(configuration, dict)
+        and configuration.get("Type") == LAUNCH_CONFIGURATION
+        and "SpotPrice" in (configuration.get("Properties") or {})
+    ):
+        return f"launches Spot Instances (launch configuration {configuration_name} sets SpotPrice)"
     return None
 
 

@@ -226,8 +226,16 @@ def _job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.job is not None:
         text = sys.stdin.read() if str(args.job) == "-" else args.job.read_text()
         job = json.loads(text)
-    for flag, field in (("model", "model"), ("prompt", "prompt"), ("kind", "kind"), ("width", "width"),
-                        ("height", "height"), ("steps", "steps"), ("seed", "seed"), ("job_id", "job_id")):
+    for flag, field in (
+        ("model", "model"),
+        ("prompt", "prompt"),
+        ("kind", "kind"),
+        ("width", "width"),
+        ("height", "height"),
+        ("steps", "steps"),
+        ("seed", "seed"),
+        ("job_id", "job_id"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             job[field] = value
@@ -247,8 +255,10 @@ def _cancel(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)  # a bad key raises ConfigError: exit 78 with its name
-    print(f"{args.config}: OK (backend {settings.backend.kind}, jobs topic {settings.topics.jobs}, "
-          f"group {settings.kafka.group_id})")
+    print(
+        f"{args.config}: OK (backend {settings.backend.kind}, jobs topic {settings.topics.jobs}, "
+        f"group {settings.kafka.group_id})"
+    )
     return ExitCode.OK
 
 

@@ -21,18 +21,18 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from sdagent.kafka.records import job_headers, job_key
-from sdagent.kafka.config import KafkaConfig, TopicsConfig
-from sdagent.kafka.acks import Deliveries
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent
+from sdagent.kafka.acks import Deliveries
 from sdagent.kafka.clients import producer_config, reader_config, with_metadata_retries
+from sdagent.kafka.config import KafkaConfig, TopicsConfig
+from sdagent.kafka.records import job_headers, job_key
 
 log = structlog.get_logger(__name__)
 
@@ -96,7 +96,7 @@ class Client:
     def cancel(self, job_id: str) -> None:
         """Ask every agent to cancel ``job_id``: queued, it is answered ``cancelled`` without
         running; running, it is interrupted; finished, it is left as it is."""
-        request = {"schema_version": 1, "type": "cancel", "job_id": job_id, "at": datetime.now(timezone.utc).isoformat()}
+        request = {"schema_version": 1, "type": "cancel", "job_id": job_id, "at": datetime.now(UTC).isoformat()}
         self._produce_durably(self._topics.control, job_id.encode(), json.dumps(request).encode())
         log.info("client.cancel_sent", job_id=job_id)
 
@@ -173,7 +173,9 @@ class _ReplyListener:
                 inbox.put(event)
 
 
-def _await_terminal(inbox: queue.Queue[StatusEvent], timeout_s: float, on_event: EventCallback | None, job_id: str) -> StatusEvent:
+def _await_terminal(
+    inbox: queue.Queue[StatusEvent], timeout_s: float, on_event: EventCallback | None, job_id: str
+) -> StatusEvent:
     deadline = time.monotonic() + timeout_s
     while True:
         remaining = deadline - time.monotonic()
@@ -192,5 +194,5 @@ def _await_terminal(inbox: queue.Queue[StatusEvent], timeout_s: float, on_event:
 def _as_job(job: Job | Mapping[str, Any]) -> Job:
     job = job if isinstance(job, Job) else Job.model_validate(dict(job))
     if job.submitted_at is None:
-        job = job.model_copy(update={"submitted_at": datetime.now(timezone.utc)})
+        job = job.model_copy(update={"submitted_at": datetime.now(UTC)})
     return job

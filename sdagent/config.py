@@ -113,7 +113,7 @@ def _bad_json_variable(error: SettingsError) -> ConfigError:
         try:
             json.loads(value)
         except ValueError as exc:
-            key = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
             return ConfigError(key, f"{name} is not valid JSON: {exc}")
     return ConfigError("(environment)", str(error))
 

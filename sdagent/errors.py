@@ -155,4 +155,3 @@ class GatewayError(SdagentError):
 
 class WebhookError(GatewayError):
     """Base of the errors of webhook delivery."""
-

@@ -12,7 +12,7 @@ import enum
 import json
 import re
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import (
@@ -276,7 +276,7 @@ def _reply_fields(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def job_json_schema() -> dict[str, Any]:
@@ -307,9 +307,7 @@ class Status(str, enum.Enum):
         return self in TERMINAL_STATUSES
 
 
-TERMINAL_STATUSES = frozenset(
-    {Status.SUCCEEDED, Status.FAILED, Status.REJECTED, Status.EXPIRED, Status.CANCELLED}
-)
+TERMINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.REJECTED, Status.EXPIRED, Status.CANCELLED})
 
 
 class OutputLink(BaseModel):
@@ -335,7 +333,7 @@ class StatusEvent(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
     job_id: str
     status: Status
-    at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     agent: str | None = None
     attempt: int = 0
     correlation_id: str | None = None

@@ -12,8 +12,12 @@ class ProgressView:
 
     def __init__(self, enabled: bool = True) -> None:
         self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(), transient=True, disable=not enabled,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            transient=True,
+            disable=not enabled,
         )
         self._task = self._progress.add_task("queued", total=None)
 

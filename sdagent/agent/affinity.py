@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import structlog
 from confluent_kafka import KafkaException, Producer
 
 from sdagent.kafka.records import Delivery
-
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +77,7 @@ class HotModels:
             "instance_id": self._instance_id,
             "loaded_model": loaded_model,
             "cached_models": self._cached_models(),
-            "at": datetime.now(timezone.utc).isoformat(),
+            "at": datetime.now(UTC).isoformat(),
         }
         self._send(json.dumps(record).encode())
 

@@ -80,7 +80,9 @@ def build_agent(
     model_cache = _open_model_cache(settings.cache)
     backend = backend or registry.build_backend(settings.backend, checkpoints_dir(settings.cache))
     supervisor = build_supervisor(settings.backend, backend)
-    metrics = build_agent_metrics(settings, instance_id, identity, on_gpu_lost=_on_gpu_lost(controls, settings, instance_id))
+    metrics = build_agent_metrics(
+        settings, instance_id, identity, on_gpu_lost=_on_gpu_lost(controls, settings, instance_id)
+    )
     cached = (
         CachedModels(model_cache, metrics.jobs, webui_models=lambda: backend.health().models) if model_cache else None
     )
@@ -129,10 +131,23 @@ def build_agent(
         runner=runner,
         ledger=ledger,
         publisher=publisher,
-        startup=Startup(backend, controls, settings.backend.ready_timeout_s, supervisor=supervisor,
-                        cache=model_cache, models=cached, cache_config=settings.cache),  # fmt: skip
-        chores=Chores(notifier, hot_models, loaded_model=lambda: runner.current_model, group=group,
-                      supervisor=supervisor, job_metrics=metrics.jobs),  # fmt: skip
+        startup=Startup(
+            backend,
+            controls,
+            settings.backend.ready_timeout_s,
+            supervisor=supervisor,
+            cache=model_cache,
+            models=cached,
+            cache_config=settings.cache,
+        ),  # fmt: skip
+        chores=Chores(
+            notifier,
+            hot_models,
+            loaded_model=lambda: runner.current_model,
+            group=group,
+            supervisor=supervisor,
+            job_metrics=metrics.jobs,
+        ),  # fmt: skip
         notifier=notifier,
         supervisor=supervisor,
         metrics=metrics,
@@ -208,7 +223,9 @@ def build_agent_metrics(
     region = settings.metrics.region or (identity.region if identity else None) or settings.outputs.region
     return build_metrics(
         settings.metrics,
-        MetricsIdentity(instance_id, identity.instance_type if identity else None, settings.lifecycle.autoscaling_group),
+        MetricsIdentity(
+            instance_id, identity.instance_type if identity else None, settings.lifecycle.autoscaling_group
+        ),
         region=region,
         kafka_admin=AdminClient(admin_config(settings.kafka)),
         jobs_topic=settings.topics.jobs,
@@ -247,7 +264,9 @@ def _identity(imds: ImdsClient) -> InstanceIdentity | None:
 def _interruptions(imds: ImdsClient | None, settings: Settings, controls: Controls) -> InterruptionWatch | None:
     if imds is None:
         return None
-    policy = InterruptionPolicy(controls, rebalance=settings.imds.rebalance, rebalance_hold_s=settings.imds.rebalance_hold_s)
+    policy = InterruptionPolicy(
+        controls, rebalance=settings.imds.rebalance, rebalance_hold_s=settings.imds.rebalance_hold_s
+    )
     return InterruptionWatch(NoticeWatcher(imds, settings.imds.interval_s, on_notice=policy), policy)
 
 
@@ -277,7 +296,9 @@ def _cached_model_names(cache: ModelCache | None) -> Callable[[], list[str]]:
     return (lambda: [entry.name for entry in cache.ls()]) if cache is not None else list
 
 
-def _cache_watcher(cache: ModelCache | None, cached: CachedModels | None, config: CacheConfig) -> ManifestWatcher | None:
+def _cache_watcher(
+    cache: ModelCache | None, cached: CachedModels | None, config: CacheConfig
+) -> ManifestWatcher | None:
     if cache is None or cached is None:
         return None
     return ManifestWatcher(cache, cached.models_changed, interval_s=config.poll_interval_s, use_events=config.watch)

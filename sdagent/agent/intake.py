@@ -234,7 +234,9 @@ class Intake:
     def _commit_done(self, *, asynchronous: bool) -> None:
         if not self._done_offsets:
             return
-        offsets = [TopicPartition(topic, partition, offset) for (topic, partition), offset in self._done_offsets.items()]
+        offsets = [
+            TopicPartition(topic, partition, offset) for (topic, partition), offset in self._done_offsets.items()
+        ]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
             self._done_offsets.clear()

@@ -12,27 +12,26 @@ import contextlib
 import enum
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
-from datetime import datetime, timezone
 
 import structlog
 import tenacity
 
+from sdagent.agent.config import RetryConfig
 from sdagent.backends.base import Backend, Generation
 from sdagent.cache.serving import CachedModels, UncachedModels
-from sdagent.agent.config import RetryConfig
 from sdagent.errors import TRANSIENT_ERRORS, BackendUnavailable, JobAborted, JobFailed, JobRejected, KafkaUnavailable
 from sdagent.jobs import Job, Limits, Progress, Status, StatusEvent, parse_job
-from sdagent.storage.inputs import InputResolver
 from sdagent.kafka.ledger import JobLedger
-from sdagent.metrics.jobs import JobMetrics
-from sdagent.storage.outputs import OutputStore
 from sdagent.kafka.publisher import StatusPublisher
 from sdagent.kafka.records import Delivery, ReplyAddress
+from sdagent.metrics.jobs import JobMetrics
+from sdagent.storage.inputs import InputResolver
+from sdagent.storage.outputs import OutputStore
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +68,9 @@ class Outcome(enum.Enum):
 class JobControl:
     """How the agent follows and takes back a running job: its progress, and abort once with why."""
 
-    def __init__(self, job_id: str | None, interrupt: Callable[[], None], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, job_id: str | None, interrupt: Callable[[], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.job_id = job_id
         self._interrupt = interrupt
         self._clock = clock
@@ -135,7 +136,7 @@ class JobRunner:
         backend_ready_wait_s: float = 300.0,
         recorder: JobMetrics | None = None,
         models: CachedModels | UncachedModels | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._backend = backend
         self._inputs = inputs
@@ -177,13 +178,17 @@ class JobRunner:
             if reply is not None:
                 # Tell a waiting caller at once; the results topic keeps its one answer of record.
                 message = f"job {job.job_id} was already answered {answered.value}; see the results topic"
-                self._publisher.reply_only(self._event(job, Status.REJECTED, reason="duplicate", message=message), reply)
+                self._publisher.reply_only(
+                    self._event(job, Status.REJECTED, reason="duplicate", message=message), reply
+                )
             return Outcome.COMMIT
         if self._ledger.cancelled(job.job_id):
             return self._answer(job, reply, Status.CANCELLED, reason="cancelled", message="cancelled before it ran")
         expires_at = job.expires_at(delivery.received_at)
         if expires_at is not None and self._clock() >= expires_at:
-            return self._answer(job, reply, Status.EXPIRED, reason="expired", message=f"deadline {expires_at.isoformat()} passed")
+            return self._answer(
+                job, reply, Status.EXPIRED, reason="expired", message=f"deadline {expires_at.isoformat()} passed"
+            )
         if self._waits_before_starting(job):
             self._publisher.publish(self._event(job, Status.ACCEPTED), reply)
         self._recorder.job_started()
@@ -194,11 +199,7 @@ class JobRunner:
         perhaps stage), its init image to fetch, or its WebUI not ready. Only then does the caller
         hear ``accepted`` first; a job that starts at once goes straight to ``started``, one record
         fewer on the results topic (and the reply topic) for every job of a warm agent."""
-        return (
-            self.current_model != job.model
-            or job.init_image is not None
-            or not self._watch.wait_ready(0)
-        )
+        return self.current_model != job.model or job.init_image is not None or not self._watch.wait_ready(0)
 
     def _execute(self, job: Job, delivery: Delivery, reply: ReplyAddress | None, control: JobControl) -> Outcome:
         timings = _Timings()
@@ -222,7 +223,9 @@ class JobRunner:
             return self._fail(job, delivery, reply, "internal_error", f"{type(exc).__name__}: {exc}")
         timings.measure("total_ms", timings.started)
         log.info("job.succeeded", outputs=len(outputs), **timings.values)
-        return self._answer(job, reply, Status.SUCCEEDED, outputs=outputs, info=generation.info, timings_ms=timings.values)
+        return self._answer(
+            job, reply, Status.SUCCEEDED, outputs=outputs, info=generation.info, timings_ms=timings.values
+        )
 
     def _generate(self, job: Job, reply: ReplyAddress | None, control: JobControl, timings: _Timings) -> Generation:
         self._wait_backend_ready(control)
@@ -267,7 +270,9 @@ class JobRunner:
     def _with_retries(self, attempt: Callable, control: JobControl):
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(self._retry.max_attempts),
-            wait=tenacity.wait_exponential_jitter(multiplier=self._retry.initial_backoff_s, max=self._retry.max_backoff_s),
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=self._retry.initial_backoff_s, max=self._retry.max_backoff_s
+            ),
             retry=tenacity.retry_if_exception_type(TRANSIENT_ERRORS),
             sleep=control.sleep,
             before_sleep=_log_retry,
@@ -275,7 +280,9 @@ class JobRunner:
         )
         return retrying(attempt)
 
-    def _progress_reporter(self, job: Job, reply: ReplyAddress | None, control: JobControl) -> Callable[[int, int], None]:
+    def _progress_reporter(
+        self, job: Job, reply: ReplyAddress | None, control: JobControl
+    ) -> Callable[[int, int], None]:
         # The first event comes one interval into the run: a job faster than that says
         # started and succeeded only, two records fewer for every reader of the results topic.
         last_sent = time.monotonic()
@@ -318,7 +325,9 @@ class JobRunner:
     def _reject(self, delivery: Delivery, rejection: JobRejected) -> Outcome:
         log.warning("job.rejected", job_id=rejection.job_id, reason=rejection.reason, error=rejection.message)
         self._recorder.job_finished(Status.REJECTED.value, rejection.reason)
-        self._publisher.dead_letter(delivery.value, delivery.source, rejection.reason, rejection.message, rejection.job_id)
+        self._publisher.dead_letter(
+            delivery.value, delivery.source, rejection.reason, rejection.message, rejection.job_id
+        )
         if rejection.job_id or rejection.reply_to:
             event = StatusEvent(
                 # Without a readable id, name the answer after the record, never a shared

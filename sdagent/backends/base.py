@@ -90,5 +90,5 @@ class Backend(abc.ABC):
         """
         return self.health().models
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most implementations hold nothing to release
         """Release connections and threads; the default has nothing to release."""

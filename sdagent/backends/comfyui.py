@@ -1139,4 +1139,3 @@ def _raise_for_status(response: httpx.Response, what: str) -> None:
 def _close_quietly(socket: MessageSocket) -> None:
     with contextlib.suppress(Exception):  # closing a dead socket may fail any way
         socket.close()
-

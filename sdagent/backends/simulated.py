@@ -272,9 +272,7 @@ class SimulatedBackend(Backend):
         if job.kind is JobKind.WORKFLOW:
             raise UnsupportedJob("workflow jobs are raw ComfyUI graphs; only the ComfyUI backend runs them")
         if job.model != self._loaded:
-            raise BackendError(
-                f"model {job.model!r} is not loaded (loaded: {self._loaded!r}); switch_model first"
-            )
+            raise BackendError(f"model {job.model!r} is not loaded (loaded: {self._loaded!r}); switch_model first")
         fmt = job.output_format
         if fmt not in (_VIDEO_FORMATS if job.kind is JobKind.TXT2VID else _IMAGE_FORMATS):
             raise UnsupportedJob(f"output format {fmt.value} does not fit kind {job.kind.value}")

@@ -7,7 +7,15 @@ other loops.
 """
 
 from sdagent.cache.assembly import build_model_cache, build_s3_client, build_source
-from sdagent.cache.cache import CacheStats, CachedEntry, LocalModel, ModelCache, PrewarmReport, PrewarmResult, VerifyResult
+from sdagent.cache.cache import (
+    CachedEntry,
+    CacheStats,
+    LocalModel,
+    ModelCache,
+    PrewarmReport,
+    PrewarmResult,
+    VerifyResult,
+)
 from sdagent.cache.config import CacheConfig
 from sdagent.cache.errors import (
     CacheError,

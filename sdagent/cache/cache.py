@@ -457,7 +457,9 @@ class ModelCache:
     def _reserve(self, entry: ModelEntry, partial_bytes: int) -> None:
         """Make room for ``entry`` (evicting least recently used models) and hold it."""
         if entry.size > self.budget_bytes:
-            raise ModelTooLarge(f"{entry.name} ({entry.size} bytes) is larger than the whole budget ({self.budget_bytes})")
+            raise ModelTooLarge(
+                f"{entry.name} ({entry.size} bytes) is larger than the whole budget ({self.budget_bytes})"
+            )
         remaining = entry.size - partial_bytes
         with self._state.transaction() as state:
             self._drop_stale_reservations(state)

@@ -46,7 +46,9 @@ def build_parser(
                        cache_setup_logging=setup_logging)  # fmt: skip
     actions = cache.add_subparsers(metavar="ACTION")
 
-    def action(name: str, help_text: str, run: Callable[[argparse.Namespace, CacheConfig], int]) -> argparse.ArgumentParser:
+    def action(
+        name: str, help_text: str, run: Callable[[argparse.Namespace, CacheConfig], int]
+    ) -> argparse.ArgumentParser:
         parser = actions.add_parser(name, help=help_text)
         parser.add_argument("--config", type=Path, help=f"TOML config (default {DEFAULT_CONFIG_PATH} if it exists)")
         parser.add_argument("--dir", type=Path, help="the cache directory (overrides cache.dir)")
@@ -67,7 +69,9 @@ def build_parser(
     index.add_argument("index_source", metavar="SOURCE", help="s3://bucket/prefix or a directory")
     index.add_argument("--output", help="write the manifest here ('-': stdout) instead of into the store")
     index.add_argument("--rehash", action="store_true", help="hash every file, even unchanged ones")
-    index.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help=f"files hashed at once (default {DEFAULT_WORKERS})")
+    index.add_argument(
+        "--workers", type=int, default=DEFAULT_WORKERS, help=f"files hashed at once (default {DEFAULT_WORKERS})"
+    )
     return cache
 
 

@@ -59,7 +59,11 @@ def build_manifest(
             raise CacheError(f"two files would be model {name!r}; rename one ({store_file.path})")
         seen.add(name)
         old = previous.get(name) if previous is not None else None
-        if old is not None and (old.source_path, old.size, old.version) == (store_file.path, store_file.size, store_file.version):
+        if old is not None and (old.source_path, old.size, old.version) == (
+            store_file.path,
+            store_file.size,
+            store_file.version,
+        ):
             entry = old.model_copy(update={"kind": kind})
             entries[name] = entry
             if on_file:

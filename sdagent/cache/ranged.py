@@ -11,8 +11,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
-
 from sdagent.errors import SdagentError
+
 # At most this much read ahead of the writer, whatever chunk size and concurrency say.
 MAX_BUFFER_BYTES = 256 * 1024 * 1024
 

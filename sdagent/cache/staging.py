@@ -29,10 +29,10 @@ from urllib.parse import quote
 
 import structlog
 
-from sdagent.errors import SdagentError
 from sdagent.cache.errors import CacheFull, ModelCorrupt, ModelNotFound
 from sdagent.cache.manifest import ModelEntry
 from sdagent.cache.sources.base import ModelSource
+from sdagent.errors import SdagentError
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sdagent.cache.errors import ModelUnavailable
 from sdagent.cache.manifest import KIND_DIRS, Manifest, ModelEntry
-from sdagent.cache.sources.base import ModelSource, Sink, StoreFile, Stoppable
+from sdagent.cache.sources.base import ModelSource, Sink, Stoppable, StoreFile
 from sdagent.cache.sources.directory import DirectorySource
 
 
@@ -82,7 +82,9 @@ class InstrumentedSource(ModelSource):
             fail_after, self.fail_after = self.fail_after, None
         if self.on_fetch is not None:
             self.on_fetch(fetch)
-        self.inner.fetch(path, size, _SlowSink(sink, self.delay_per_write_s, fail_after), offset=offset, version=version)
+        self.inner.fetch(
+            path, size, _SlowSink(sink, self.delay_per_write_s, fail_after), offset=offset, version=version
+        )
 
     def list_files(self) -> Iterator[StoreFile]:
         return self.inner.list_files()

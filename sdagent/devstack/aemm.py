@@ -237,7 +237,6 @@ class AemmServer:
         raise AemmStartError(f"{reason}; its output:\n{output}")
 
 
-
 # No proxy: a developer's HTTP_PROXY must not see loopback requests.
 _direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

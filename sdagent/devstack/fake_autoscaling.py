@@ -80,10 +80,14 @@ class FakeAutoScaling:
 
 
 def _success(action: str) -> str:
-    return (f'<{action}Response xmlns="{_NAMESPACE}"><{action}Result/>'
-            f"<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata></{action}Response>")
+    return (
+        f'<{action}Response xmlns="{_NAMESPACE}"><{action}Result/>'
+        f"<ResponseMetadata><RequestId>{uuid.uuid4()}</RequestId></ResponseMetadata></{action}Response>"
+    )
 
 
 def _error(code: str, message: str) -> str:
-    return (f'<ErrorResponse xmlns="{_NAMESPACE}"><Error><Type>Sender</Type><Code>{code}</Code>'
-            f"<Message>{message}</Message></Error><RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>")
+    return (
+        f'<ErrorResponse xmlns="{_NAMESPACE}"><Error><Type>Sender</Type><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error><RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
+    )

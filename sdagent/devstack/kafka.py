@@ -390,7 +390,7 @@ class KafkaBroker:
     def _launch(self) -> None:
         archive = self._class_archive
         archive_options = archive.use_options() or archive.record_options()
-        self._log_file = open(self._log_path, "ab")
+        self._log_file = open(self._log_path, "ab")  # noqa: SIM115 - open for the broker's life, closed once it exited
         self._process = subprocess.Popen(
             [*self._java_command("kafka.Kafka", archive_options), str(self._config_path)],
             stdin=subprocess.DEVNULL,

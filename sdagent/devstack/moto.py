@@ -104,7 +104,6 @@ class MotoServer:
         raise MotoStartError(f"{reason}; its output:\n{output}")
 
 
-
 # Servers still running when Python exits (e.g. an aborted test run) would otherwise outlive it.
 _running_servers: set[MotoServer] = set()
 

@@ -31,7 +31,13 @@ DEMO_MODELS = ["sd15.safetensors", "sdxl-base.safetensors"]
 
 
 def stack_config(
-    bootstrap: str, aws_endpoint: str, bucket: str, *, topic_prefix: str = "", jobs_partitions: int = 4, **sections: dict
+    bootstrap: str,
+    aws_endpoint: str,
+    bucket: str,
+    *,
+    topic_prefix: str = "",
+    jobs_partitions: int = 4,
+    **sections: dict,
 ) -> dict[str, Any]:
     """Agent configuration (as TOML-shaped data) for a local stack; ``sections`` override parts."""
     config: dict[str, Any] = {
@@ -143,14 +149,20 @@ def run_demo(jobs: int = 5) -> int:
         bucket = "sdagent-demo"
         aws_client("s3", moto.endpoint).create_bucket(Bucket=bucket)
         config = stack_config(
-            broker.bootstrap, moto.endpoint, bucket, topic_prefix="demo.",
+            broker.bootstrap,
+            moto.endpoint,
+            bucket,
+            topic_prefix="demo.",
             backend={"step_latency_s": 0.05, "switch_latency_s": 0.5},
         )
         settings = settings_from(config)
         ensure_topics(settings)
         agent = AgentThread(settings).start()
-        print(f"kafka {broker.bootstrap}, s3 {moto.endpoint}, agent {settings.agent.instance_id} "
-              f"(SIMULATED backend, {settings.backend.step_latency_s * 1000:.0f} ms/step)", flush=True)
+        print(
+            f"kafka {broker.bootstrap}, s3 {moto.endpoint}, agent {settings.agent.instance_id} "
+            f"(SIMULATED backend, {settings.backend.step_latency_s * 1000:.0f} ms/step)",
+            flush=True,
+        )
         failures = 0
         with Client(settings.kafka, settings.topics) as client:
             for index in range(jobs):

@@ -20,12 +20,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from sse_starlette.sse import EventSourceResponse
 
-from sdagent.errors import KafkaUnavailable
+from sdagent.errors import GatewayError, KafkaUnavailable
 from sdagent.gateway.auth import Caller, Gatekeeper, NotAuthenticated, RateLimited
 from sdagent.gateway.config import GatewayConfig
 from sdagent.gateway.status import StatusView
 from sdagent.jobs import JOB_ID_PATTERN, Job, Limits, Status, StatusEvent, check_limits
-from sdagent.errors import GatewayError
 
 log = structlog.get_logger(__name__)
 
@@ -115,14 +114,18 @@ def create_app(parts: GatewayParts) -> FastAPI:
             await parts.queue.submit(job)
         except KafkaUnavailable as exc:
             log.warning("gateway.queue_unavailable", job_id=job.job_id, error=str(exc))
-            raise _unavailable(parts.config, f"job {job.job_id} could not be confirmed as queued; "
-                               "resubmit it with the same job_id (it runs once)") from exc
+            raise _unavailable(
+                parts.config,
+                f"job {job.job_id} could not be confirmed as queued; resubmit it with the same job_id (it runs once)",
+            ) from exc
         log.info("gateway.job_queued", job_id=job.job_id, caller=who.name, model=job.model)
         return await _answer_submission(parts, job, _wanted_wait(wait, prefer, parts.config.max_wait_s))
 
     @app.get("/v1/jobs/{job_id}", response_model=StatusEvent, response_model_exclude_none=True, tags=["jobs"],
              responses=PROBLEMS)  # fmt: skip
-    async def job_status(job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)], parts: PartsDep, who: CallerDep) -> StatusEvent:
+    async def job_status(
+        job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)], parts: PartsDep, who: CallerDep
+    ) -> StatusEvent:
         return _known(parts, job_id)
 
     @app.get("/v1/jobs/{job_id}/events", tags=["jobs"],
@@ -171,7 +174,9 @@ async def _caller(
     except NotAuthenticated as exc:
         raise _ProblemError(401, "Unauthorized", str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
     except RateLimited as exc:
-        raise _ProblemError(429, "Too Many Requests", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from exc
+        raise _ProblemError(
+            429, "Too Many Requests", str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+        ) from exc
     return who
 
 

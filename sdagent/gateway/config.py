@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import re
-
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator

@@ -15,10 +15,10 @@ import time
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from sdagent.kafka.config import KafkaConfig, TopicsConfig
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, Status, StatusEvent
 from sdagent.kafka.clients import producer_config
+from sdagent.kafka.config import KafkaConfig, TopicsConfig
 from sdagent.kafka.records import STATUS_HEADER, job_headers, job_key
 
 log = structlog.get_logger(__name__)

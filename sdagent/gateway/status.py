@@ -142,7 +142,9 @@ class StatusView:
                 if message is not None and message.error() is None:
                     self._positions[message.partition()] = message.offset() + 1
                     self._take(message.key(), message.value(), message.headers(), message.timestamp()[1])
-                if not self.caught_up.is_set() and all(self._positions.get(p, 0) >= t for p, t in self._targets.items()):
+                if not self.caught_up.is_set() and all(
+                    self._positions.get(p, 0) >= t for p, t in self._targets.items()
+                ):
                     self.caught_up.set()
                     log.info("gateway.status_caught_up", jobs=len(self._latest))
             except Exception:  # keep reading: one bad record must not blind the gateway

@@ -29,12 +29,12 @@ import tenacity
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
-from sdagent.kafka.config import KafkaConfig
+from sdagent.errors import WebhookError
 from sdagent.gateway.config import WebhookConfig, secret_bytes
 from sdagent.jobs import StatusEvent
 from sdagent.kafka.clients import webhooks_consumer_config
+from sdagent.kafka.config import KafkaConfig
 from sdagent.kafka.ledger import terminal_status
-from sdagent.errors import WebhookError
 
 log = structlog.get_logger(__name__)
 
@@ -124,7 +124,8 @@ class WebhookDispatcher:
                 message = self._consumer.poll(POLL_S)
                 if message is not None and message.error() is None:
                     self._pending.setdefault(message.partition(), deque()).append(
-                        (message.offset(), self._dispatch(message)))
+                        (message.offset(), self._dispatch(message))
+                    )
                 self._store_finished()
             except KafkaException as exc:  # the broker is away: librdkafka reconnects
                 log.warning("webhooks.kafka_error", error=str(exc))

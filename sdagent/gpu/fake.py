@@ -216,7 +216,10 @@ class FakeNvml:
             raise NVMLError(13)  # FunctionNotFound: nvmlDeviceGetMemoryInfo_v2 is missing on old drivers
         reserved = 300 * 1024**2 if version else 0
         return SimpleNamespace(
-            total=gpu.memory_total, used=gpu.memory_used, free=gpu.memory_total - gpu.memory_used - reserved, reserved=reserved
+            total=gpu.memory_total,
+            used=gpu.memory_used,
+            free=gpu.memory_total - gpu.memory_used - reserved,
+            reserved=reserved,
         )
 
     def nvmlDeviceGetTemperature(self, handle: _Handle, sensor: int) -> int:

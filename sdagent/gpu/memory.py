@@ -15,6 +15,7 @@ from sdagent.gpu import nvml as nvml_seam
 
 log = structlog.get_logger(__name__)
 
+
 class GpuMemoryProbe:
     """Bytes of device memory in use on one GPU, the whole device, all processes.
 

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 import structlog
 from confluent_kafka import KafkaException
 
-from sdagent.kafka.config import KafkaConfig
 from sdagent.errors import KafkaUnavailable
+from sdagent.kafka.config import KafkaConfig
 
 _LIBRDKAFKA_LOG = logging.getLogger("sdagent.librdkafka")
 _LOG = structlog.get_logger(__name__)
@@ -158,4 +158,3 @@ def with_metadata_retries(query: Callable[[], T], timeout_s: float = 10.0, pause
                 raise
             _LOG.info("kafka.metadata_retry", error=str(exc))
             time.sleep(pause_s)
-

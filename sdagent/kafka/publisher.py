@@ -11,10 +11,10 @@ from __future__ import annotations
 import structlog
 from confluent_kafka import KafkaError, Message, Producer
 
-from sdagent.kafka.config import TopicsConfig
-from sdagent.kafka.acks import Deliveries
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent
+from sdagent.kafka.acks import Deliveries
+from sdagent.kafka.config import TopicsConfig
 from sdagent.kafka.records import (
     AGENT_HEADER,
     CORRELATION_HEADER,
@@ -34,7 +34,6 @@ from sdagent.kafka.records import (
 )
 
 log = structlog.get_logger(__name__)
-
 
 
 class StatusPublisher:
@@ -96,8 +95,14 @@ class StatusPublisher:
     def requeue(self, job: Job) -> None:
         """Durably put ``job`` back on the jobs topic, keyed as a caller's submission is."""
         deliveries = Deliveries()
-        self._produce(self._topics.jobs, None, job_key(job, self._topics), job.model_dump_json(exclude_none=True).encode(),
-                      [*job_headers(job), (REQUEUED_BY_HEADER, self._agent_id.encode())], deliveries)
+        self._produce(
+            self._topics.jobs,
+            None,
+            job_key(job, self._topics),
+            job.model_dump_json(exclude_none=True).encode(),
+            [*job_headers(job), (REQUEUED_BY_HEADER, self._agent_id.encode())],
+            deliveries,
+        )
         self._await(deliveries, f"requeue of job {job.job_id}")
 
     def flush(self, timeout_s: float) -> int:

@@ -12,7 +12,7 @@ import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 from sdagent.jobs import Job
@@ -116,4 +116,4 @@ class Delivery:
     @property
     def received_at(self) -> datetime:
         seconds = self.timestamp_ms / 1000 if self.timestamp_ms else time.time()
-        return datetime.fromtimestamp(seconds, timezone.utc)
+        return datetime.fromtimestamp(seconds, UTC)

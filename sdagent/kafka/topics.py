@@ -39,8 +39,16 @@ def topic_specs(topics: TopicsConfig, replication_factor: int | None = None) -> 
         TopicSpec(topics.control, 1, retained(topics.results_retention_h)),
         TopicSpec(topics.replies, topics.replies_partitions, retained(topics.replies_retention_h)),
         # The latest record per agent is what counts; compaction keeps just that.
-        TopicSpec(topics.agents, 1, {"cleanup.policy": "compact", "min.insync.replicas": min_isr,
-                                     "min.compaction.lag.ms": "0", "segment.ms": str(_HOUR_MS)}),  # fmt: skip
+        TopicSpec(
+            topics.agents,
+            1,
+            {
+                "cleanup.policy": "compact",
+                "min.insync.replicas": min_isr,
+                "min.compaction.lag.ms": "0",
+                "segment.ms": str(_HOUR_MS),
+            },
+        ),  # fmt: skip
     ]
 
 
@@ -74,7 +82,8 @@ def _wait_for_leaders(admin: AdminClient, names: list[str], timeout_s: float) ->
     while True:
         metadata = admin.list_topics(timeout=timeout_s)
         leaderless = [
-            name for name in names
+            name
+            for name in names
             if name not in metadata.topics
             or metadata.topics[name].error is not None
             or any(p.leader < 0 for p in metadata.topics[name].partitions.values())

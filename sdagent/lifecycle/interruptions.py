@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 import structlog
@@ -30,6 +30,7 @@ from sdagent.lifecycle.notices import (
 )
 
 log = structlog.get_logger(__name__)
+
 
 class DrainTarget(Protocol):
     """The part of the agent a notice can act on; every method is safe from any thread."""
@@ -53,7 +54,7 @@ class InterruptionPolicy:
         rebalance: str = "hold",
         rebalance_hold_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
-        utc_now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        utc_now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._agent = agent
         self._rebalance = rebalance
@@ -63,8 +64,13 @@ class InterruptionPolicy:
         self._rebalance_timer: threading.Timer | None = None
 
     def __call__(self, notice: Notice) -> None:
-        log.info("notice.received", kind=notice.kind.value, action=notice.action, state=notice.state,
-                 deadline=notice.deadline.isoformat() if notice.deadline else None)
+        log.info(
+            "notice.received",
+            kind=notice.kind.value,
+            action=notice.action,
+            state=notice.state,
+            deadline=notice.deadline.isoformat() if notice.deadline else None,
+        )
         handler = {
             NoticeKind.SPOT_INTERRUPTION: self._spot,
             NoticeKind.LIFECYCLE: self._lifecycle,
@@ -113,7 +119,6 @@ class InterruptionPolicy:
         if deadline is None:
             return None
         return self._clock() + max(0.0, (deadline - self._utc_now()).total_seconds())
-
 
 
 class InterruptionWatch:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import boto3
@@ -118,7 +118,7 @@ class CloudWatchSink(MetricsSink):
         base: dict[str, Any] = {
             "MetricName": datum.name,
             "Dimensions": [{"Name": name, "Value": value} for name, value in datum.dimensions],
-            "Timestamp": datetime.fromtimestamp(datum.timestamp, tz=timezone.utc),
+            "Timestamp": datetime.fromtimestamp(datum.timestamp, tz=UTC),
             "Unit": datum.unit,
             "StorageResolution": self._resolution,
         }

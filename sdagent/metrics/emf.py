@@ -88,7 +88,9 @@ class EmfSink(MetricsSink):
     def close(self) -> None:
         self._writer.close()
 
-    def _render(self, timestamp: float, dimensions: Dimensions, metrics: dict[str, tuple[str, list[float]]]) -> Iterator[str]:
+    def _render(
+        self, timestamp: float, dimensions: Dimensions, metrics: dict[str, tuple[str, list[float]]]
+    ) -> Iterator[str]:
         aws: dict = {
             "Timestamp": int(timestamp * 1000),
             "CloudWatchMetrics": [

@@ -40,8 +40,15 @@ class _Interval:
     """One interval's counts; replaced wholesale at each collect."""
 
     __slots__ = (
-        "started", "finished", "failures", "timings", "cache_hits", "cache_misses", "restarts",
-        "max_in_flight", "max_draining",
+        "started",
+        "finished",
+        "failures",
+        "timings",
+        "cache_hits",
+        "cache_misses",
+        "restarts",
+        "max_in_flight",
+        "max_draining",
     )
 
     def __init__(self, in_flight: int, draining: bool) -> None:
@@ -190,7 +197,9 @@ def _datums(
         # (jobs per agent) times GroupInServiceInstances: metric math cannot add per-instance
         # streams up without SEARCH, which target tracking does not take, and an Average does not
         # depend on how many points an agent sends per period (a Sum would, at 10 s publishing).
-        data.append(Datum(names.JOBS_IN_FLIGHT, topic_dimensions(jobs_topic), ts, "Count", value=interval.max_in_flight))
+        data.append(
+            Datum(names.JOBS_IN_FLIGHT, topic_dimensions(jobs_topic), ts, "Count", value=interval.max_in_flight)
+        )
     if group is not None:
         data.append(Datum(names.BACKEND_RESTARTS, group, ts, "Count", value=interval.restarts))
     for status, count in sorted(interval.finished.items()):

@@ -71,14 +71,18 @@ GPU_LOST = "GpuLost"
 METRICS: dict[str, MetricSpec] = {
     spec.name: spec
     for spec in (
-        MetricSpec(QUEUE_BACKLOG, "Count", ("topic",), "the group's lag: jobs not yet committed (partition 0's holder)"),
+        MetricSpec(
+            QUEUE_BACKLOG, "Count", ("topic",), "the group's lag: jobs not yet committed (partition 0's holder)"
+        ),
         MetricSpec(JOBS_IN_FLIGHT, "Count", ("instance", "topic"), "jobs running, the interval's maximum"),
         MetricSpec(JOBS_STARTED, "Count", ("instance",), "jobs started in the interval"),
         MetricSpec(JOBS_FINISHED, "Count", ("instance",), "jobs answered in the interval, by Status"),
         MetricSpec(JOB_FAILURES, "Count", ("group",), "jobs not succeeded in the interval, by Reason"),
         MetricSpec(QUEUE_WAIT_TIME, "Milliseconds", ("instance",), "time from produce to start (distribution)"),
         MetricSpec(MODEL_SWITCH_TIME, "Milliseconds", ("instance",), "model load when the job needed another model"),
-        MetricSpec(MODEL_STAGE_TIME, "Milliseconds", ("instance",), "model copy from the store to local NVMe (cache misses)"),
+        MetricSpec(
+            MODEL_STAGE_TIME, "Milliseconds", ("instance",), "model copy from the store to local NVMe (cache misses)"
+        ),
         MetricSpec(INFERENCE_TIME, "Milliseconds", ("instance",), "generation time (distribution)"),
         MetricSpec(UPLOAD_TIME, "Milliseconds", ("instance",), "output upload time (distribution)"),
         MetricSpec(JOB_TOTAL_TIME, "Milliseconds", ("instance",), "accept to answer (distribution)"),

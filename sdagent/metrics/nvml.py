@@ -113,7 +113,9 @@ class _Gpu:
 class GpuSampler:
     """Reads every GPU's utilisation, memory, temperature, power, clocks, throttling, ECC and XID errors."""
 
-    def __init__(self, nvml: ModuleType | Any | None = None, *, on_lost: Callable[[int, str], None] | None = None) -> None:
+    def __init__(
+        self, nvml: ModuleType | Any | None = None, *, on_lost: Callable[[int, str], None] | None = None
+    ) -> None:
         self._nvml = nvml
         self._on_lost = on_lost
         self._gpus: list[_Gpu] = []
@@ -218,7 +220,9 @@ class GpuSampler:
         )
         power = self._read(gpu, "power", lambda: nvml.nvmlDeviceGetPowerUsage(handle))
         power_limit = self._read(gpu, "power_limit", lambda: nvml.nvmlDeviceGetEnforcedPowerLimit(handle))
-        sm_clock = self._read(gpu, "sm_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, getattr(nvml, "NVML_CLOCK_SM", 1)))
+        sm_clock = self._read(
+            gpu, "sm_clock", lambda: nvml.nvmlDeviceGetClockInfo(handle, getattr(nvml, "NVML_CLOCK_SM", 1))
+        )
         reasons = self._read(gpu, "throttle", lambda: self._throttle_mask(handle))
         ecc = self._read(gpu, "ecc", lambda: self._ecc_total(handle))
         if gpu.lost:  # lost during this very pass
@@ -257,7 +261,10 @@ class GpuSampler:
     def _throttle_mask(self, handle) -> int:
         nvml = self._nvml
         # nvidia-ml-py 12.535 renamed "throttle reasons" to "clocks event reasons".
-        call = getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        call = (
+            getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+            or nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        )
         return call(handle)
 
     def _ecc_total(self, handle) -> int:
@@ -377,4 +384,3 @@ class GpuSampler:
             nvml.nvmlShutdown()
         except nvml.NVMLError as exc:
             log.debug("gpu.nvml_shutdown_failed", error=str(exc))
-

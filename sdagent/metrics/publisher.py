@@ -254,5 +254,10 @@ class MetricsPublisher:
         backoff *= self._rng.uniform(0.5, 1.0)
         self._retry_at = self._clock.monotonic() + backoff
         event = log.warning if self._consecutive_failures == 1 else log.debug
-        event("metrics.publish_failed", error=str(exc), attempt=self._consecutive_failures,
-              retry_in_s=round(backoff, 1), buffered=len(self._buffer))
+        event(
+            "metrics.publish_failed",
+            error=str(exc),
+            attempt=self._consecutive_failures,
+            retry_in_s=round(backoff, 1),
+            buffered=len(self._buffer),
+        )

@@ -7,8 +7,16 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 # Error codes S3 answers to a request worth repeating later; any 5xx and 429 count too.
 _TRANSIENT_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-     "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequestsException"}
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+    }
 )
 
 

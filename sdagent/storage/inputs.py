@@ -8,9 +8,9 @@ import base64
 import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
-from sdagent.storage import errors as s3errors
 from sdagent.errors import InputError, InputUnavailable
 from sdagent.jobs import InitImage, Job
+from sdagent.storage import errors as s3errors
 
 log = structlog.get_logger(__name__)
 

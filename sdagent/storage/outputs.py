@@ -24,7 +24,7 @@ import io
 import string
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 import structlog
@@ -34,10 +34,10 @@ from botocore.signers import CloudFrontSigner
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from sdagent.storage import errors as s3errors
 from sdagent.backends.base import Artifact
 from sdagent.errors import ConfigError, OutputError, OutputUnavailable
 from sdagent.jobs import Job, OutputLink
+from sdagent.storage import errors as s3errors
 
 log = structlog.get_logger(__name__)
 
@@ -93,13 +93,21 @@ class OutputStore:
         template = job.output.filename or DEFAULT_FILENAME
         fields = _placeholders(template)
         if len(artifacts) > 1 and "index" not in fields:
-            raise OutputError(f"output.filename {template!r} lacks {{index}} but the job has "
-                              f"{len(artifacts)} outputs, which would overwrite each other")
+            raise OutputError(
+                f"output.filename {template!r} lacks {{index}} but the job has "
+                f"{len(artifacts)} outputs, which would overwrite each other"
+            )
         date = time.strftime("%Y/%m/%d", time.gmtime(self._clock()))
         keys = []
         for index, artifact in enumerate(artifacts):
-            name = template.format(job_id=job.job_id, index=index, seed=_seed(job, artifact),
-                                   ext=artifact.extension, date=date, model=job.model)
+            name = template.format(
+                job_id=job.job_id,
+                index=index,
+                seed=_seed(job, artifact),
+                ext=artifact.extension,
+                date=date,
+                model=job.model,
+            )
             relative = "/".join(p for p in ((job.output.prefix or "").rstrip("/"), name) if p)
             problem = _key_problem(relative)
             if problem:
@@ -115,8 +123,15 @@ class OutputStore:
         links = []
         for key, artifact in zip(self.keys_for(job, artifacts), artifacts, strict=True):
             self._upload(job, key, artifact)
-            links.append(OutputLink(url=self.url_for(key), bucket=self._bucket, key=key,
-                                    content_type=artifact.content_type, bytes=len(artifact.data)))
+            links.append(
+                OutputLink(
+                    url=self.url_for(key),
+                    bucket=self._bucket,
+                    key=key,
+                    content_type=artifact.content_type,
+                    bytes=len(artifact.data),
+                )
+            )
         return links
 
     def url_for(self, key: str) -> str:
@@ -125,7 +140,7 @@ class OutputStore:
             url = f"https://{self._domain}/{quote(key, safe='/')}"
             if self._signer is None:
                 return url
-            expires = datetime.fromtimestamp(self._clock() + self._ttl_s, tz=timezone.utc)
+            expires = datetime.fromtimestamp(self._clock() + self._ttl_s, tz=UTC)
             return self._signer.generate_presigned_url(url, date_less_than=expires)
         # Signed with the client's credentials: with an instance role they expire after a few
         # hours, and the URL with them, whatever url_ttl_s says. Use CloudFront for long links.
@@ -147,8 +162,9 @@ class OutputStore:
         started = time.monotonic()
         try:
             if multipart:
-                self._s3.upload_fileobj(io.BytesIO(artifact.data), self._bucket, key,
-                                        ExtraArgs=extra, Config=self._transfer)
+                self._s3.upload_fileobj(
+                    io.BytesIO(artifact.data), self._bucket, key, ExtraArgs=extra, Config=self._transfer
+                )
             else:
                 # One request, no transfer manager and its thread pool: most outputs are a few
                 # hundred KB and this runs once per image on the job's critical path.
@@ -156,8 +172,14 @@ class OutputStore:
         except (BotoCoreError, ClientError) as exc:
             log.warning("output.upload_failed", job_id=job.job_id, key=key, error=str(exc))
             raise _output_error(exc, key) from exc
-        log.info("output.uploaded", job_id=job.job_id, key=key, bytes=len(artifact.data),
-                 multipart=multipart, ms=round((time.monotonic() - started) * 1000, 1))
+        log.info(
+            "output.uploaded",
+            job_id=job.job_id,
+            key=key,
+            bytes=len(artifact.data),
+            multipart=multipart,
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
 
 
 def _placeholders(template: str) -> set[str]:
@@ -172,8 +194,10 @@ def _placeholders(template: str) -> set[str]:
             continue
         # Plain names only: "{job_id.__class__}" or "{seed!r}" would let a job reach into objects.
         if field not in PLACEHOLDERS or spec or conversion:
-            raise OutputError(f"output.filename {template!r}: unknown placeholder {{{field}}}; "
-                              f"use only {', '.join(sorted(PLACEHOLDERS))}")
+            raise OutputError(
+                f"output.filename {template!r}: unknown placeholder {{{field}}}; "
+                f"use only {', '.join(sorted(PLACEHOLDERS))}"
+            )
         fields.add(field)
     return fields
 
@@ -197,8 +221,7 @@ def _seed(job: Job, artifact: Artifact) -> int:
 
 def _metadata(job: Job, artifact: Artifact) -> dict[str, str]:
     """S3 user metadata travels as HTTP headers, so values must be ASCII: percent-encode the rest."""
-    values = {"job-id": job.job_id, "model": job.model, "seed": str(_seed(job, artifact)),
-              "kind": job.kind.value}
+    values = {"job-id": job.job_id, "model": job.model, "seed": str(_seed(job, artifact)), "kind": job.kind.value}
     return {name: quote(value, safe=_METADATA_SAFE) for name, value in values.items()}
 
 

@@ -34,8 +34,8 @@ import structlog
 
 from sdagent.backends.base import Backend, Health
 from sdagent.backends.config import WebUIBackendConfig
-from sdagent.webui.config import ProcessConfig
 from sdagent.gpu.memory import GpuMemoryProbe
+from sdagent.webui.config import ProcessConfig
 
 log = structlog.get_logger(__name__)
 

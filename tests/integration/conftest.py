@@ -41,8 +41,13 @@ class Pipeline:
 
     def read(self, topic: str, count: int, timeout_s: float = 30.0, match=lambda message: True) -> list:
         """The first ``count`` matching records of ``topic`` from its start (fewer on timeout)."""
-        consumer = Consumer({"bootstrap.servers": self.settings.kafka.bootstrap_servers, "group.id": "test-reader",
-                             "enable.auto.commit": False})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.settings.kafka.bootstrap_servers,
+                "group.id": "test-reader",
+                "enable.auto.commit": False,
+            }
+        )
         metadata = consumer.list_topics(topic, timeout=10)
         consumer.assign([TopicPartition(topic, p, 0) for p in metadata.topics[topic].partitions])
         found, deadline = [], time.monotonic() + timeout_s
@@ -60,8 +65,9 @@ class Pipeline:
         terminal ones has landed (or on timeout)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            messages = self.read(self.settings.topics.results, 10_000, timeout_s=1.0,
-                                 match=lambda m: m.key() == job_id.encode())
+            messages = self.read(
+                self.settings.topics.results, 10_000, timeout_s=1.0, match=lambda m: m.key() == job_id.encode()
+            )
             events = [StatusEvent.from_bytes(m.value()) for m in messages]
             if sum(e.status.is_terminal for e in events) >= until_terminal_count or time.monotonic() > deadline:
                 return events

@@ -218,9 +218,7 @@ def test_switch_model_sets_the_checkpoint_option_and_loaded_model_follows(
 ) -> None:
     backend.switch_model(NESTED)
 
-    assert recorder.bodies("POST", "/sdapi/v1/options") == [
-        {"sd_model_checkpoint": f"{NESTED} [{model_hash(NESTED)}]"}
-    ]
+    assert recorder.bodies("POST", "/sdapi/v1/options") == [{"sd_model_checkpoint": f"{NESTED} [{model_hash(NESTED)}]"}]
     sent = len(recorder.sent)
     assert backend.loaded_model() == NESTED and len(recorder.sent) == sent  # cached
     assert stats(sim.url)["loaded_model"] == NESTED

@@ -8,11 +8,11 @@ import json
 import pytest
 from confluent_kafka import Producer
 
-from sdagent.kafka.records import MODEL_HEADER, job_key
 from sdagent.client import Client
 from sdagent.devstack.process import wait_until
 from sdagent.jobs import Job, Status
 from sdagent.kafka.publisher import StatusPublisher
+from sdagent.kafka.records import MODEL_HEADER, job_key
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,9 @@ def test_a_models_jobs_stay_with_one_agent(pipeline):
     for _ in range(2):
         pipeline.start_agent()
     assert wait_until(lambda: all(len(a.agent.intake._assigned) == 1 for a in pipeline.agents), timeout_s=30)
-    client = Client(pipeline.settings.kafka, pipeline.settings.topics.model_copy(update={"jobs_key": "model", "model_lanes": 1}))
+    client = Client(
+        pipeline.settings.kafka, pipeline.settings.topics.model_copy(update={"jobs_key": "model", "model_lanes": 1})
+    )
     try:
         answers = [client.run(job(job_id=f"affine-{i}"), timeout_s=30) for i in range(8)]
     finally:

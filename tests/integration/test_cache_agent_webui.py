@@ -173,8 +173,11 @@ def test_a_stop_during_a_long_prewarm_leaves_at_once_without_taking_work(pipelin
     assert code == 0
     log = log_events(log_path)
     # Stopped cleanly, then out without waiting for the held download (its threads would have).
-    assert first_index(log, "agent.prewarm_abandoned") < first_index(log, "agent.stopped") < first_index(
-        log, "agent.exit_during_prewarm")
+    assert (
+        first_index(log, "agent.prewarm_abandoned")
+        < first_index(log, "agent.stopped")
+        < first_index(log, "agent.exit_during_prewarm")
+    )
     assert not any(event.get("event") == "intake.subscribed" for event in log)  # never joined the group
     events = pipeline.events(queued.job_id, timeout_s=2)
     assert not any(event.status.is_terminal for event in events)  # the job waits for another agent

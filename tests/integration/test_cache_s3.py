@@ -219,9 +219,10 @@ def test_the_watcher_polls_s3_for_a_new_manifest(tmp_path, s3, s3_bucket):
 
 
 def test_the_configured_client_has_a_pool_as_large_as_the_concurrency(aws_endpoint):
-    config = CacheConfig(source="s3://models-bucket/sd", endpoint_url=aws_endpoint, region="us-east-1", max_concurrency=24)
+    config = CacheConfig(
+        source="s3://models-bucket/sd", endpoint_url=aws_endpoint, region="us-east-1", max_concurrency=24
+    )
     assert build_s3_client(config).meta.config.max_pool_connections >= 24
-
 
 
 def test_auto_stays_on_the_classic_client_with_a_custom_endpoint_even_with_the_crt_installed(s3):

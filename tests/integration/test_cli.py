@@ -7,22 +7,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_pipeline import wait_until
+
 from sdagent.devstack.stack import local_aws_environment, write_config
 from sdagent.errors import ExitCode
 
-from test_pipeline import wait_until
-
 
 def sdagent(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdagent", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "sdagent", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def test_topics_create_makes_every_topic_once(kafka_bootstrap, topic_prefix, tmp_path):
     from sdagent.devstack.stack import stack_config
 
-    config = write_config(stack_config(kafka_bootstrap, "http://unused", "bucket", topic_prefix=topic_prefix),
-                          tmp_path / "sdagent.toml")
+    config = write_config(
+        stack_config(kafka_bootstrap, "http://unused", "bucket", topic_prefix=topic_prefix), tmp_path / "sdagent.toml"
+    )
     first = sdagent("topics", "create", "--config", str(config), "--replication-factor", "1")
     assert first.returncode == 0, first.stderr
     assert first.stdout.count(": created") == 6  # jobs, results, dead letters, control, replies, agents
@@ -33,8 +35,22 @@ def test_topics_create_makes_every_topic_once(kafka_bootstrap, topic_prefix, tmp
 def test_submit_waits_and_prints_the_answer_as_json(pipeline, tmp_path):
     pipeline.start_agent()
     config = write_config(pipeline.config, tmp_path / "sdagent.toml")
-    done = sdagent("submit", "--config", str(config), "--model", "sd15.safetensors", "--prompt", "a fox",
-                   "--width", "64", "--height", "64", "--steps", "3", "--json")
+    done = sdagent(
+        "submit",
+        "--config",
+        str(config),
+        "--model",
+        "sd15.safetensors",
+        "--prompt",
+        "a fox",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "3",
+        "--json",
+    )
     assert done.returncode == ExitCode.OK, done.stderr
     answer = json.loads(done.stdout)
     assert answer["status"] == "succeeded" and answer["outputs"][0]["url"].startswith("http://127.0.0.1")
@@ -43,8 +59,18 @@ def test_submit_waits_and_prints_the_answer_as_json(pipeline, tmp_path):
 def test_submit_no_wait_prints_the_job_id_and_cancel_reaches_the_agents(pipeline, tmp_path):
     agent = pipeline.start_agent(backend={"step_latency_s": 0.5})
     config = write_config(pipeline.config, tmp_path / "sdagent.toml")
-    queued = sdagent("submit", "--config", str(config), "--model", "sd15.safetensors", "--steps", "60",
-                     "--job-id", "cli-cancelled", "--no-wait")
+    queued = sdagent(
+        "submit",
+        "--config",
+        str(config),
+        "--model",
+        "sd15.safetensors",
+        "--steps",
+        "60",
+        "--job-id",
+        "cli-cancelled",
+        "--no-wait",
+    )
     assert queued.returncode == 0 and queued.stdout.strip() == "cli-cancelled"
     assert wait_until(lambda: agent.agent.intake.busy)
     cancelled = sdagent("cancel", "--config", str(config), "cli-cancelled")
@@ -80,17 +106,24 @@ def test_a_running_agent_publishes_its_job_metrics_to_cloudwatch(pipeline, tmp_p
     from sdagent.devstack.moto import aws_client
     from sdagent.devstack.stack import spawn_agent
 
-    config = pipeline.config | {"agent": {**pipeline.config["agent"], "instance_id": "i-0metrics"},
-                                "metrics": {**pipeline.config["metrics"], "publish_interval_s": 1}}
+    config = pipeline.config | {
+        "agent": {**pipeline.config["agent"], "instance_id": "i-0metrics"},
+        "metrics": {**pipeline.config["metrics"], "publish_interval_s": 1},
+    }
     agent = spawn_agent(config, tmp_path, "metrics-agent")
     try:
-        assert pipeline.client.run({"model": "sd15.safetensors", "width": 64, "height": 64, "steps": 2},
-                                   timeout_s=60).status.value == "succeeded"
+        assert (
+            pipeline.client.run(
+                {"model": "sd15.safetensors", "width": 64, "height": 64, "steps": 2}, timeout_s=60
+            ).status.value
+            == "succeeded"
+        )
         cloudwatch = aws_client("cloudwatch", aws_endpoint)
 
         def published() -> set[str]:
-            metrics = cloudwatch.list_metrics(Namespace="SDAgent",
-                                              Dimensions=[{"Name": "InstanceId", "Value": "i-0metrics"}])["Metrics"]
+            metrics = cloudwatch.list_metrics(
+                Namespace="SDAgent", Dimensions=[{"Name": "InstanceId", "Value": "i-0metrics"}]
+            )["Metrics"]
             return {metric["MetricName"] for metric in metrics}
 
         assert wait_until(lambda: {"JobsFinished", "JobTotalTime", "JobsInFlight"} <= published(), timeout_s=30)

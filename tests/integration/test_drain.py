@@ -6,11 +6,11 @@ import json
 import signal
 import time
 
-from sdagent.devstack.stack import spawn_agent
-from sdagent.jobs import Status
-
 from test_failures import terminal_statuses
 from test_pipeline import job, wait_until
+
+from sdagent.devstack.stack import spawn_agent
+from sdagent.jobs import Status
 
 
 def start_process_agents(pipeline, tmp_path, names, **agent_settings):
@@ -44,8 +44,15 @@ def held_partitions(tmp_path, names) -> int | None:
 
 def started_by(pipeline, job_id):
     found = []
-    wait_until(lambda: found.extend(e for e in pipeline.events(job_id, until_terminal_count=0, timeout_s=0)
-                                    if e.status is Status.STARTED) or found, timeout_s=60)
+    wait_until(
+        lambda: (
+            found.extend(
+                e for e in pipeline.events(job_id, until_terminal_count=0, timeout_s=0) if e.status is Status.STARTED
+            )
+            or found
+        ),
+        timeout_s=60,
+    )
     return found[0].agent if found else None
 
 
@@ -116,10 +123,19 @@ def test_lifecycle_hooks_are_completed_at_launch_and_after_a_group_drain(pipelin
         instance = "i-0lifecycle"
         fake.activate("launch", instance)
         fake.activate("terminate", instance)
-        lifecycle = {"autoscaling_group": "gpu-fleet", "launch_hook": "launch", "terminate_hook": "terminate",
-                     "heartbeat_interval_s": 1, "region": "us-east-1", "endpoint_url": fake.endpoint}
-        agent = pipeline.start_agent(agent={"instance_id": instance, "drain_timeout_s": 30, "drain_margin_s": 0},
-                                     lifecycle=lifecycle, backend={"step_latency_s": 0.1})
+        lifecycle = {
+            "autoscaling_group": "gpu-fleet",
+            "launch_hook": "launch",
+            "terminate_hook": "terminate",
+            "heartbeat_interval_s": 1,
+            "region": "us-east-1",
+            "endpoint_url": fake.endpoint,
+        }
+        agent = pipeline.start_agent(
+            agent={"instance_id": instance, "drain_timeout_s": 30, "drain_margin_s": 0},
+            lifecycle=lifecycle,
+            backend={"step_latency_s": 0.1},
+        )
         assert wait_until(lambda: fake.actions("CompleteLifecycleAction"), timeout_s=20)
         pipeline.client.submit(job(job_id="finishes-while-heartbeating", steps=25))
         assert wait_until(lambda: agent.agent.intake.busy, timeout_s=20)

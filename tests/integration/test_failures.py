@@ -6,7 +6,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import Pipeline
 from test_pipeline import job, wait_until
 
@@ -29,9 +28,17 @@ def test_agent_killed_mid_job_leaves_the_job_to_the_other_agent_answered_once(pi
     try:
         queued = pipeline.client.submit(job(job_id="survives-sigkill", steps=30))
         started = []
-        assert wait_until(lambda: started.extend(
-            e for e in pipeline.events(queued.job_id, until_terminal_count=0, timeout_s=0)
-            if e.status is Status.STARTED) or started, timeout_s=60)
+        assert wait_until(
+            lambda: (
+                started.extend(
+                    e
+                    for e in pipeline.events(queued.job_id, until_terminal_count=0, timeout_s=0)
+                    if e.status is Status.STARTED
+                )
+                or started
+            ),
+            timeout_s=60,
+        )
         victim = started[0].agent
         processes[victim].send_signal(signal.SIGKILL)
         processes[victim].wait(10)

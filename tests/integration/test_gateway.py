@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 
 from sdagent.devstack.kafka import free_loopback_port
 from sdagent.devstack.stack import settings_from, write_config
-from sdagent.gateway.app import dump_openapi
 from sdagent.gateway.auth import hash_key
 from sdagent.gateway.server import build_app
 from sdagent.jobs import Status

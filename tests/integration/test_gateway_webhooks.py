@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from sdagent.devstack.process import wait_until
 from sdagent.gateway.config import WebhookConfig
-from sdagent.gateway.webhooks import WebhookDispatcher, check_target, sign, TargetRefused
+from sdagent.gateway.webhooks import TargetRefused, WebhookDispatcher, check_target, sign
 from sdagent.jobs import Status, StatusEvent, Webhook
 from sdagent.kafka.publisher import StatusPublisher
 

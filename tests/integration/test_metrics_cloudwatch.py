@@ -8,7 +8,7 @@ import json
 import threading
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -16,12 +16,12 @@ import pytest
 
 from sdagent.devstack.kafka import free_loopback_port
 from sdagent.devstack.moto import DUMMY_CREDENTIALS, aws_client
+from sdagent.gpu.fake import FakeNvml
 from sdagent.metrics import names
 from sdagent.metrics.clock import ScaledClock
 from sdagent.metrics.cloudwatch import CloudWatchSink, cloudwatch_client
 from sdagent.metrics.datum import Datum
 from sdagent.metrics.dimensions import InstanceIdentity
-from sdagent.gpu.fake import FakeNvml
 from sdagent.metrics.health import AutoScalingHealth
 from sdagent.metrics.jobs import JobMetrics
 from sdagent.metrics.nvml import GpuSampler
@@ -63,7 +63,7 @@ def dims(pairs) -> list[dict]:
 
 
 def query(cloudwatch, namespace: str, metric: str, dimensions, stat: str, period: int = 60) -> list[float]:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     start = now.replace(second=0, microsecond=0) - timedelta(hours=1)
     result = cloudwatch.get_metric_data(
         MetricDataQueries=[
@@ -116,7 +116,10 @@ def test_published_metrics_land_with_instance_group_and_gpu_dimensions(aws_endpo
     finally:
         publisher.stop()
 
-    landed = {(m["MetricName"], tuple((d["Name"], d["Value"]) for d in m["Dimensions"])) for m in all_metrics(cloudwatch, namespace)}
+    landed = {
+        (m["MetricName"], tuple((d["Name"], d["Value"]) for d in m["Dimensions"]))
+        for m in all_metrics(cloudwatch, namespace)
+    }
     instance, group = identity.instance(), identity.group()
     expected = {
         (names.JOBS_STARTED, instance),
@@ -220,8 +223,10 @@ class MotoProxy:
                     payload = json.dumps({"__type": "Throttling", "message": "Rate exceeded"}).encode()
                     headers = {"Content-Type": "application/x-amz-json-1.0"}
                 else:
-                    payload = (b"<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code>"
-                               b"<Message>Rate exceeded</Message></Error></ErrorResponse>")
+                    payload = (
+                        b"<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code>"
+                        b"<Message>Rate exceeded</Message></Error></ErrorResponse>"
+                    )
                     headers = {"Content-Type": "text/xml"}
                 self.send_response(400)
                 for key, value in {**headers, "x-amzn-query-error": "Throttling;Sender"}.items():
@@ -255,7 +260,9 @@ def test_throttling_is_retried_and_the_data_lands_once(proxy, cloudwatch, namesp
     client = sdk_client(proxy.endpoint, max_attempts=3)
     proxy.throttle_next = 2
     dimensions = (("InstanceId", "i-throttled"),)
-    result = CloudWatchSink(client, namespace).send([Datum("JobsStarted", dimensions, time.time() // 60 * 60, "Count", value=5.0)])
+    result = CloudWatchSink(client, namespace).send(
+        [Datum("JobsStarted", dimensions, time.time() // 60 * 60, "Count", value=5.0)]
+    )
     assert result.delivered == 1
     assert proxy.requests == 3  # two Throttling answers, then through
     assert query(cloudwatch, namespace, "JobsStarted", dimensions, "Sum") == [5.0]
@@ -303,7 +310,10 @@ def test_set_unhealthy_marks_the_instance_in_its_group(aws_endpoint):
     autoscaling.create_auto_scaling_group(
         AutoScalingGroupName=f"asg-{suffix}",
         LaunchTemplate={"LaunchTemplateName": f"lt-{suffix}"},
-        MinSize=1, MaxSize=1, DesiredCapacity=1, AvailabilityZones=["us-east-1a"],
+        MinSize=1,
+        MaxSize=1,
+        DesiredCapacity=1,
+        AvailabilityZones=["us-east-1a"],
     )
     group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[f"asg-{suffix}"])["AutoScalingGroups"][0]
     instance_id = group["Instances"][0]["InstanceId"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -89,10 +89,15 @@ def test_a_missing_topic_publishes_nothing_and_logs_once(admin, topic_prefix):
 
 def test_lag_of_a_consuming_member_goes_down_as_it_commits(admin, kafka_bootstrap, jobs_topic):
     group = f"sdagent-{uuid.uuid4().hex[:8]}"
-    consumer = Consumer({
-        "bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False,
-        "auto.offset.reset": "earliest", "group.protocol": "consumer",
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "group.protocol": "consumer",
+        }
+    )
     consumer.subscribe([jobs_topic])
     reporter = LagReporter(admin, jobs_topic, group)
     try:
@@ -126,7 +131,7 @@ def test_queue_backlog_lands_in_cloudwatch_with_its_topic_dimension(admin, aws_e
     cloudwatch = aws_client("cloudwatch", aws_endpoint)
     (metric,) = cloudwatch.list_metrics(Namespace=namespace, MetricName=names.QUEUE_BACKLOG)["Metrics"]
     assert metric["Dimensions"] == [{"Name": "JobsTopic", "Value": jobs_topic}]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     values = cloudwatch.get_metric_data(
         MetricDataQueries=[{"Id": "b", "MetricStat": {"Metric": metric, "Period": 60, "Stat": "Maximum"}}],
         StartTime=now.replace(second=0, microsecond=0) - timedelta(hours=1),

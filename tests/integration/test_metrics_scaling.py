@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -79,7 +79,7 @@ class MetricMath:
 
     def evaluate(self) -> Series:
         value = self._or()
-        assert self.position == len(self.tokens), f"unparsed: {self.tokens[self.position:]}"
+        assert self.position == len(self.tokens), f"unparsed: {self.tokens[self.position :]}"
         return self._broadcast(value)
 
     @staticmethod
@@ -122,7 +122,14 @@ class MetricMath:
             left = self._pointwise(lambda a, b: float(bool(a) and bool(b)), left, self._comparison())
         return left
 
-    _COMPARE = {">": float.__gt__, "<": float.__lt__, ">=": float.__ge__, "<=": float.__le__, "==": float.__eq__, "!=": float.__ne__}
+    _COMPARE = {
+        ">": float.__gt__,
+        "<": float.__lt__,
+        ">=": float.__ge__,
+        "<=": float.__le__,
+        "==": float.__eq__,
+        "!=": float.__ne__,
+    }
 
     def _comparison(self):
         left = self._sum()
@@ -144,7 +151,9 @@ class MetricMath:
         while self._peek() in ("*", "/"):
             op = self._take()
             right = self._atom()
-            left = self._pointwise((lambda a, b: a * b) if op == "*" else (lambda a, b: a / b if b else None), left, right)
+            left = self._pointwise(
+                (lambda a, b: a * b) if op == "*" else (lambda a, b: a / b if b else None), left, right
+            )
         return left
 
     def _atom(self):
@@ -231,11 +240,13 @@ def fleet(aws_endpoint):
         "sink": sink,
         "cloudwatch": aws_client("cloudwatch", aws_endpoint),
         # Whole minutes, in the past: every point of a scenario falls in its own 60 s period.
-        "start": (datetime.now(timezone.utc) - timedelta(minutes=30)).replace(second=0, microsecond=0),
+        "start": (datetime.now(UTC) - timedelta(minutes=30)).replace(second=0, microsecond=0),
     }
 
 
-def publish_minute(fleet: dict, minute: int, *, backlog: float | None, in_service: float | None, busy: list[int]) -> None:
+def publish_minute(
+    fleet: dict, minute: int, *, backlog: float | None, in_service: float | None, busy: list[int]
+) -> None:
     """One minute of the fleet: QueueBacklog from the partition-0 holder, each instance's JobsInFlight
     (through JobMetrics, as the agents do), and the group metric the Auto Scaling service publishes."""
     params = fleet["parameters"]
@@ -252,12 +263,14 @@ def publish_minute(fleet: dict, minute: int, *, backlog: float | None, in_servic
     if in_service is not None:
         fleet["cloudwatch"].put_metric_data(
             Namespace="AWS/AutoScaling",
-            MetricData=[{
-                "MetricName": "GroupInServiceInstances",
-                "Dimensions": [{"Name": "AutoScalingGroupName", "Value": params["AutoScalingGroupName"]}],
-                "Timestamp": datetime.fromtimestamp(stamp, timezone.utc),
-                "Value": in_service,
-            }],
+            MetricData=[
+                {
+                    "MetricName": "GroupInServiceInstances",
+                    "Dimensions": [{"Name": "AutoScalingGroupName", "Value": params["AutoScalingGroupName"]}],
+                    "Timestamp": datetime.fromtimestamp(stamp, UTC),
+                    "Value": in_service,
+                }
+            ],
         )
 
 
@@ -271,7 +284,7 @@ def read_series(fleet: dict, queries: list[dict], stamps: list[datetime]) -> dic
     )
     series = {}
     for data in result["MetricDataResults"]:
-        points = {t.astimezone(timezone.utc): v for t, v in zip(data["Timestamps"], data["Values"])}
+        points = {t.astimezone(UTC): v for t, v in zip(data["Timestamps"], data["Values"])}
         series[data["Id"]] = [points.get(stamp) for stamp in stamps]
     return series
 
@@ -336,8 +349,12 @@ def test_high_resolution_periods_repeat_the_one_minute_group_metric(fleet):
     jobs.set_in_flight(1)
     for second in range(0, 60, 10):  # one agent busy all along, publishing every 10 s
         stamp = (start + timedelta(seconds=second)).timestamp()
-        sink.send([Datum("QueueBacklog", (("JobsTopic", params["JobsTopic"]),), stamp, "Count", value=9.0),
-                   *jobs.collect(stamp, identity)])
+        sink.send(
+            [
+                Datum("QueueBacklog", (("JobsTopic", params["JobsTopic"]),), stamp, "Count", value=9.0),
+                *jobs.collect(stamp, identity),
+            ]
+        )
     publish_minute(fleet, 0, backlog=None, in_service=2, busy=[])  # the group metric: once a minute
     queries = queries_of("BacklogTargetTracking", params)
     stamps = [start + timedelta(seconds=s) for s in range(0, 60, 10)]

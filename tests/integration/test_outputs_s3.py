@@ -59,8 +59,7 @@ def test_png_is_stored_with_content_type_cache_control_and_metadata(s3, bucket):
     head = s3.head_object(Bucket=bucket, Key=link.key)
     assert head["ContentType"] == "image/png"
     assert head["CacheControl"] == "public, max-age=31536000, immutable"
-    assert head["Metadata"] == {"job-id": "job-42", "model": "sd_xl_base_1.0", "seed": "1234",
-                                "kind": "txt2img"}
+    assert head["Metadata"] == {"job-id": "job-42", "model": "sd_xl_base_1.0", "seed": "1234", "kind": "txt2img"}
 
 
 def test_presigned_link_downloads_the_bytes(s3, bucket):
@@ -98,8 +97,7 @@ def test_unreachable_endpoint_is_transient():
     with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    s3 = client(f"http://127.0.0.1:{port}", connect_timeout=1, read_timeout=1,
-                retries={"total_max_attempts": 1})
+    s3 = client(f"http://127.0.0.1:{port}", connect_timeout=1, read_timeout=1, retries={"total_max_attempts": 1})
 
     with pytest.raises(OutputUnavailable, match="transiently"):
         OutputStore(s3, "bucket", "outputs").store(job(), [PNG])

@@ -6,7 +6,7 @@ import json
 import threading
 import time
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from PIL import Image
 
@@ -31,7 +31,7 @@ def test_sync_job_succeeds_with_a_link_that_serves_the_image(pipeline):
     seen = []
     answer = pipeline.client.run(job(seed=7), timeout_s=30, on_event=lambda e: seen.append(e.status))
     assert answer.status is Status.SUCCEEDED
-    assert [Status.ACCEPTED, Status.STARTED] == seen[:2] and seen[-1] is Status.SUCCEEDED
+    assert seen[:2] == [Status.ACCEPTED, Status.STARTED] and seen[-1] is Status.SUCCEEDED
     assert answer.info["seed"] == 7 and answer.info["simulator"] is True
     assert {"queue_wait_ms", "inference_ms", "upload_ms", "total_ms"} <= answer.timings_ms.keys()
     (output,) = answer.outputs
@@ -115,7 +115,7 @@ def test_permanent_backend_error_fails_without_retrying(pipeline):
 
 def test_expired_job_is_answered_without_running(pipeline):
     agent = pipeline.start_agent()
-    past = datetime.now(timezone.utc) - timedelta(seconds=5)
+    past = datetime.now(UTC) - timedelta(seconds=5)
     answer = pipeline.client.run(job(deadline=past.isoformat()), timeout_s=30)
     assert answer.status is Status.EXPIRED
     assert agent.backend.faults.calls == 0

@@ -85,20 +85,19 @@ async def run_prompt(
     url: str, prompt: dict[str, Any], client_id: str = "tester", during: Any = None
 ) -> tuple[str, list[dict[str, Any]]]:
     """Submit over HTTP and collect websocket messages until ``executing`` with node null."""
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{url}/ws?clientId={client_id}") as ws:
-            messages = [await ws.receive_json(timeout=5)]
-            async with session.post(f"{url}/prompt", json={"prompt": prompt, "client_id": client_id}) as response:
-                assert response.status == 200, await response.text()
-                prompt_id = (await response.json())["prompt_id"]
-            while True:
-                message = await ws.receive_json(timeout=10)
-                messages.append(message)
-                if during is not None:
-                    await during(session, message)
-                data = message["data"]
-                if message["type"] == "executing" and data["node"] is None and data["prompt_id"] == prompt_id:
-                    return prompt_id, messages
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws?clientId={client_id}") as ws:
+        messages = [await ws.receive_json(timeout=5)]
+        async with session.post(f"{url}/prompt", json={"prompt": prompt, "client_id": client_id}) as response:
+            assert response.status == 200, await response.text()
+            prompt_id = (await response.json())["prompt_id"]
+        while True:
+            message = await ws.receive_json(timeout=10)
+            messages.append(message)
+            if during is not None:
+                await during(session, message)
+            data = message["data"]
+            if message["type"] == "executing" and data["node"] is None and data["prompt_id"] == prompt_id:
+                return prompt_id, messages
 
 
 def wait_for_history(url: str, prompt_id: str) -> dict[str, Any]:

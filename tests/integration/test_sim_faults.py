@@ -82,22 +82,21 @@ def sim(running: SimulatorThread) -> Iterator[SimulatorThread]:
 
 async def comfy_run(url: str, during: Any = None) -> tuple[str, list[dict[str, Any]], bool]:
     """Run GRAPH; returns (prompt_id, messages, whether the socket was cut before the end)."""
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"{url}/ws?clientId=faults") as ws:
-            await ws.receive_json(timeout=5)
-            async with session.post(f"{url}/prompt", json={"prompt": GRAPH, "client_id": "faults"}) as response:
-                prompt_id = (await response.json())["prompt_id"]
-            messages: list[dict[str, Any]] = []
-            while True:
-                message = await ws.receive(timeout=10)
-                if message.type != aiohttp.WSMsgType.TEXT:
-                    return prompt_id, messages, True
-                messages.append(json.loads(message.data))
-                if during is not None:
-                    await during(session, messages[-1])
-                data = messages[-1]["data"]
-                if messages[-1]["type"] == "executing" and data["node"] is None and data["prompt_id"] == prompt_id:
-                    return prompt_id, messages, False
+    async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws?clientId=faults") as ws:
+        await ws.receive_json(timeout=5)
+        async with session.post(f"{url}/prompt", json={"prompt": GRAPH, "client_id": "faults"}) as response:
+            prompt_id = (await response.json())["prompt_id"]
+        messages: list[dict[str, Any]] = []
+        while True:
+            message = await ws.receive(timeout=10)
+            if message.type != aiohttp.WSMsgType.TEXT:
+                return prompt_id, messages, True
+            messages.append(json.loads(message.data))
+            if during is not None:
+                await during(session, messages[-1])
+            data = messages[-1]["data"]
+            if messages[-1]["type"] == "executing" and data["node"] is None and data["prompt_id"] == prompt_id:
+                return prompt_id, messages, False
 
 
 def history(url: str, prompt_id: str) -> dict[str, Any]:
@@ -263,11 +262,10 @@ def test_the_process_logs_a_simulator_start_line_and_stops_on_sigterm_despite_an
     process, url = _start_process()
 
     async def terminate_while_connected() -> aiohttp.WSMsgType:
-        async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(f"{url}/ws") as ws:
-                await ws.receive_json(timeout=5)
-                process.send_signal(signal.SIGTERM)
-                return (await ws.receive(timeout=10)).type
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws") as ws:
+            await ws.receive_json(timeout=5)
+            process.send_signal(signal.SIGTERM)
+            return (await ws.receive(timeout=10)).type
 
     try:
         assert call(f"{url}/system_stats")[1]["devices"][0]["name"] == "SIMULATED"

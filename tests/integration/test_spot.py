@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import signal
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from test_failures import terminal_statuses
+from test_pipeline import job, wait_until
 
 from sdagent.devstack.fake_imds import FakeImds
 from sdagent.devstack.stack import spawn_agent
 from sdagent.jobs import Status
-
-from test_failures import terminal_statuses
-from test_pipeline import job, wait_until
 
 SPOT_INSTANCE = "i-0spotvictim"
 
@@ -37,8 +36,12 @@ def spot_agent(pipeline, tmp_path, imds):
 
 def started_on(pipeline, job_ids, agent):
     def seen():
-        return any(e.status is Status.STARTED and e.agent == agent
-                   for job_id in job_ids for e in pipeline.events(job_id, until_terminal_count=0, timeout_s=0))
+        return any(
+            e.status is Status.STARTED and e.agent == agent
+            for job_id in job_ids
+            for e in pipeline.events(job_id, until_terminal_count=0, timeout_s=0)
+        )
+
     return wait_until(seen, timeout_s=60)
 
 
@@ -48,7 +51,7 @@ def test_spot_notice_moves_the_running_job_and_every_job_succeeds_once(pipeline,
         job_ids = [pipeline.client.submit(job(job_id=f"spot-{i}", steps=120)).job_id for i in range(3)]
         assert started_on(pipeline, job_ids, SPOT_INSTANCE)
         noticed = time.monotonic()
-        imds.spot("terminate", datetime.now(timezone.utc) + timedelta(seconds=6))
+        imds.spot("terminate", datetime.now(UTC) + timedelta(seconds=6))
         assert victim.wait(30) == 0
         assert time.monotonic() - noticed < 12
         pipeline.start_agent(backend={"step_latency_s": 0.01})  # the rest of the fleet
@@ -70,7 +73,7 @@ def test_sigkill_during_a_spot_drain_still_loses_nothing(pipeline, tmp_path, imd
     try:
         job_ids = [pipeline.client.submit(job(job_id=f"killed-{i}", steps=60)).job_id for i in range(3)]
         assert started_on(pipeline, job_ids, SPOT_INSTANCE)
-        imds.spot("terminate", datetime.now(timezone.utc) + timedelta(seconds=60))
+        imds.spot("terminate", datetime.now(UTC) + timedelta(seconds=60))
         time.sleep(1.5)  # the notice is seen and the drain under way
         victim.send_signal(signal.SIGKILL)
         victim.wait(10)
@@ -83,7 +86,7 @@ def test_sigkill_during_a_spot_drain_still_loses_nothing(pipeline, tmp_path, imd
 
 
 def test_an_agent_restarting_under_a_spot_notice_takes_no_work(pipeline, tmp_path, imds):
-    imds.spot("terminate", datetime.now(timezone.utc) + timedelta(seconds=90))
+    imds.spot("terminate", datetime.now(UTC) + timedelta(seconds=90))
     config = pipeline.config | {
         "agent": {key: value for key, value in pipeline.config["agent"].items() if key != "instance_id"},
         "imds": {"enabled": True, "interval_s": 0.5},

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import threading
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -87,8 +87,13 @@ def managed(port: int, supervisors: list[WebUISupervisor]) -> Callable[..., WebU
 
     def make(*flags: str, models: tuple[str, ...] = ("sd15",), config: dict | None = None, **seams) -> WebUISupervisor:
         command = [sys.executable, str(FAKE_WEBUI), "--port", str(port), "--models", ",".join(models), *flags]
-        fields = {"ready_timeout_s": 10, "restart_backoff_initial_s": 0.02, "restart_backoff_max_s": 0.1,
-                  "stop_timeout_s": 1.0, **(config or {})}
+        fields = {
+            "ready_timeout_s": 10,
+            "restart_backoff_initial_s": 0.02,
+            "restart_backoff_max_s": 0.1,
+            "stop_timeout_s": 1.0,
+            **(config or {}),
+        }
         process = ProcessConfig(command=command, **fields)
         options = {"interrupt": lambda: None, "job_timeout_s": 30.0, "stall_timeout_s": 30.0, **FAST, **seams}
         supervisor = WebUISupervisor(process, http_probe(port), list(models), **options)
@@ -166,13 +171,21 @@ def test_crash_loop_is_reported_loudly_and_backoff_stays_at_its_cap(managed) -> 
 
 def test_attached_webui_is_only_probed_and_readiness_follows_it(port: int, supervisors) -> None:
     def serve() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(FAKE_WEBUI), "--port", str(port), "--models", "sd15"],
-                                stdout=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [sys.executable, str(FAKE_WEBUI), "--port", str(port), "--models", "sd15"], stdout=subprocess.DEVNULL
+        )
 
     server = serve()
     try:
-        supervisor = WebUISupervisor(ProcessConfig(), http_probe(port), ["sd15"], interrupt=lambda: None,
-                                     job_timeout_s=30, stall_timeout_s=30, **FAST)
+        supervisor = WebUISupervisor(
+            ProcessConfig(),
+            http_probe(port),
+            ["sd15"],
+            interrupt=lambda: None,
+            job_timeout_s=30,
+            stall_timeout_s=30,
+            **FAST,
+        )
         supervisors.append(supervisor)
         changes: list[tuple[bool, str]] = []
         supervisor.on_state_change(lambda ready, reason: changes.append((ready, reason)))
@@ -201,8 +214,10 @@ def test_hung_job_is_interrupted_then_its_process_group_killed_and_restarted(man
     interrupts: list[float] = []
     hangs: list[tuple[str, str]] = []
     supervisor = managed(
-        "--spawn-grandchild", str(grandchild_file),
-        stall_timeout_s=0.5, interrupt=lambda: interrupts.append(time.monotonic()),
+        "--spawn-grandchild",
+        str(grandchild_file),
+        stall_timeout_s=0.5,
+        interrupt=lambda: interrupts.append(time.monotonic()),
     )
     supervisor.on_hang(lambda job_id, reason: hangs.append((job_id, reason)))
     supervisor.start()

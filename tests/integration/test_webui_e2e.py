@@ -8,30 +8,48 @@ import sys
 import urllib.request
 
 import pytest
+from test_failures import terminal_statuses
+from test_pipeline import job, wait_until
 
 from sdagent.devstack.kafka import free_loopback_port
 from sdagent.devstack.stack import spawn_agent
 from sdagent.jobs import Status
 
-from test_failures import terminal_statuses
-from test_pipeline import job, wait_until
-
 
 def webui_backend(kind: str, port: int, step_latency_s: float = 0.02) -> dict:
-    command = [sys.executable, "-m", "sdagent", "sim", "--port", str(port), "--step-latency-s", str(step_latency_s),
-               "--models", "sd15.safetensors", "sdxl_base.safetensors"]
+    command = [
+        sys.executable,
+        "-m",
+        "sdagent",
+        "sim",
+        "--port",
+        str(port),
+        "--step-latency-s",
+        str(step_latency_s),
+        "--models",
+        "sd15.safetensors",
+        "sdxl_base.safetensors",
+    ]
     return {
         "kind": kind,
         "url": f"http://127.0.0.1:{port}",
         "models": ["sd15.safetensors", "sdxl_base.safetensors"],
-        "process": {"command": command, "ready_timeout_s": 60, "restart_backoff_initial_s": 0.2,
-                    "env": {"PYTHONUNBUFFERED": "1"}},
+        "process": {
+            "command": command,
+            "ready_timeout_s": 60,
+            "restart_backoff_initial_s": 0.2,
+            "env": {"PYTHONUNBUFFERED": "1"},
+        },
     }
 
 
 def arm_fault(port: int, fault: dict) -> None:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/sim/faults", data=json.dumps(fault).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/sim/faults",
+        data=json.dumps(fault).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     urllib.request.urlopen(request, timeout=10).close()
 
 

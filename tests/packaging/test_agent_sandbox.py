@@ -121,5 +121,7 @@ def test_agent_libraries_run_under_memory_deny_write_execute():
     """PR_SET_MDWE is the kernel's form of MemoryDenyWriteExecute=: the agent's native code
     (librdkafka, Pillow, PyAV, cryptography, ctypes callbacks) must not need W+X memory."""
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
-    result = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, env=env, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120, env=env, check=False
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr

@@ -60,8 +60,10 @@ def test_warm_pool_on_a_group_whose_launch_template_asks_for_spot_is_caught():
     data = template["Resources"]["BaseLaunchTemplate"]["Properties"]["LaunchTemplateData"]
     data["InstanceMarketOptions"] = {"MarketType": "spot"}
     assert check_warm_pools.problems(template) == [
-        "BaseWarmPool: warm pool on BaseGroup, which launches Spot Instances (launch template "
-        "BaseLaunchTemplate); warm pools need an on-demand, single-template group"
+        (
+            "BaseWarmPool: warm pool on BaseGroup, which launches Spot Instances (launch template "
+            "BaseLaunchTemplate); warm pools need an on-demand, single-template group"
+        )
     ]
 
 

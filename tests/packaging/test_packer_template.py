@@ -44,7 +44,7 @@ def test_template_validates_with_the_amazon_plugin(packer, packer_env, build_inp
 def test_an_unknown_webui_is_rejected(packer, packer_env, build_inputs):
     result = validate(packer, packer_env, *build_inputs, "-var", "webui=invokeai")
     assert result.returncode != 0
-    assert "must be \"a1111\" or \"comfyui\"" in result.stdout + result.stderr
+    assert 'must be "a1111" or "comfyui"' in result.stdout + result.stderr
 
 
 def test_a_mistyped_builder_field_is_rejected(packer, packer_env, build_inputs, tmp_path):
@@ -75,4 +75,4 @@ def test_every_variable_has_a_default_value_and_a_description():
     assert variables.count("description =") == len(declared)
     for template in PACKER_DIR.glob("*.pkr.hcl"):
         if template.name != "variables.pkr.hcl":
-            assert "variable \"" not in template.read_text(), f"{template.name} declares a variable"
+            assert 'variable "' not in template.read_text(), f"{template.name} declares a variable"

@@ -15,7 +15,9 @@ def shell_scripts() -> list[Path]:
     scripts = []
     for directory in SCRIPT_DIRS:
         for path in sorted((REPO / directory).iterdir()):
-            if path.is_file() and path.read_text(errors="replace").startswith(("#!/usr/bin/env bash", "#!/bin/bash", "#!/bin/sh")):
+            if path.is_file() and path.read_text(errors="replace").startswith(
+                ("#!/usr/bin/env bash", "#!/bin/bash", "#!/bin/sh")
+            ):
                 scripts.append(path)
     return scripts
 

@@ -80,14 +80,26 @@ def generate(backend: A1111Backend, job: Job):
 @pytest.mark.parametrize(
     ("route", "raised", "message"),
     [
-        (answer({"detail": [{"loc": ["body", "width"], "msg": "value is not a valid integer",
-                             "type": "type_error.integer"}]}, 422),
-         BackendError, "rejected the request: width: value is not a valid integer"),  # fmt: skip
+        (
+            answer(
+                {
+                    "detail": [
+                        {"loc": ["body", "width"], "msg": "value is not a valid integer", "type": "type_error.integer"}
+                    ]
+                },
+                422,
+            ),
+            BackendError,
+            "rejected the request: width: value is not a valid integer",
+        ),  # fmt: skip
         (a1111_error(404, "HTTPException", detail="Model not found"), ModelNotFound, "does not know the model"),
         (a1111_error(404, "HTTPException", detail="Sampler not found"), UnsupportedJob, "sampler"),
         (a1111_error(500, "HTTPException", detail="Invalid encoded image"), BackendError, "Invalid encoded image"),
-        (a1111_error(500, "OutOfMemoryError", errors="CUDA out of memory. Tried to allocate 2.00 GiB"),
-         BackendError, "ran out of memory: CUDA out of memory"),  # fmt: skip
+        (
+            a1111_error(500, "OutOfMemoryError", errors="CUDA out of memory. Tried to allocate 2.00 GiB"),
+            BackendError,
+            "ran out of memory: CUDA out of memory",
+        ),  # fmt: skip
         (a1111_error(500, "RuntimeError", errors="boom"), BackendUnavailable, "answered 500: RuntimeError: boom"),
         (lambda request: httpx.Response(502, text="<html>Bad Gateway</html>"), BackendUnavailable, "Bad Gateway"),
         (answer({"detail": "Not authenticated"}, 401), BackendError, "not authorised"),

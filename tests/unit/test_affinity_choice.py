@@ -7,9 +7,9 @@ import collections
 import pytest
 
 from sdagent.agent.affinity import pick_next
-from sdagent.kafka.records import MODEL_HEADER, Delivery, job_headers, job_key, model_of
-from sdagent.kafka.config import TopicsConfig
 from sdagent.jobs import Job
+from sdagent.kafka.config import TopicsConfig
+from sdagent.kafka.records import MODEL_HEADER, Delivery, job_headers, job_key, model_of
 
 
 def a_job(model: str, job_id: str) -> Job:
@@ -39,7 +39,9 @@ def test_the_key_is_stable_for_a_job_so_a_requeue_lands_where_the_job_was():
 
 
 def test_one_lane_keys_by_the_model_alone():
-    assert job_key(a_job("sd15.safetensors", "x-1"), TopicsConfig(jobs_key="model", model_lanes=1)) == b"sd15.safetensors"
+    assert (
+        job_key(a_job("sd15.safetensors", "x-1"), TopicsConfig(jobs_key="model", model_lanes=1)) == b"sd15.safetensors"
+    )
 
 
 def test_keyed_by_job_id_ignores_the_model():

@@ -122,10 +122,18 @@ def test_least_recently_used_models_are_evicted_to_stay_within_the_budget(tmp_pa
 
     for name in ("a", "b", "c", "a", "d"):  # a is touched again: b is now the oldest
         cache.ensure(name)
-    assert visible_files(cache) == ["checkpoints/a.safetensors", "checkpoints/c.safetensors", "checkpoints/d.safetensors"]
+    assert visible_files(cache) == [
+        "checkpoints/a.safetensors",
+        "checkpoints/c.safetensors",
+        "checkpoints/d.safetensors",
+    ]
 
     cache.ensure("e")  # c goes next
-    assert visible_files(cache) == ["checkpoints/a.safetensors", "checkpoints/d.safetensors", "checkpoints/e.safetensors"]
+    assert visible_files(cache) == [
+        "checkpoints/a.safetensors",
+        "checkpoints/d.safetensors",
+        "checkpoints/e.safetensors",
+    ]
     assert cache.cached_bytes() == 300 * KiB
     assert (cache.stats().evictions, cache.stats().bytes_evicted) == (2, 200 * KiB)
     assert [e.name for e in cache.ls()] == ["e.safetensors", "d.safetensors", "a.safetensors"]

@@ -74,9 +74,8 @@ def test_index_to_stdout_leaves_the_store_alone(sdagent, store, capsys):
 def test_evicting_a_model_in_use_is_refused(sdagent, store, tmp_path):
     sdagent("cache", "index", str(store))
     cache = ModelCache(tmp_path / "cache", DirectorySource(store), budget_bytes=1 << 30)
-    with cache.use("sd15"):
-        with pytest.raises(ModelInUse):  # `sdagent` prints it and exits 1
-            sdagent("cache", "evict", "sd15")
+    with cache.use("sd15"), pytest.raises(ModelInUse):  # `sdagent` prints it and exits 1
+        sdagent("cache", "evict", "sd15")
 
 
 def test_ls_works_without_a_source_and_cache_alone_prints_help(tmp_path, capsys):

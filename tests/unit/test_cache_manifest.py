@@ -102,7 +102,11 @@ def test_index_hashes_model_files_and_reuses_unchanged_entries(tmp_path):
 
     assert manifest.names() == ["detail.safetensors", "sd15.safetensors"]
     lora = manifest.get("detail.safetensors")
-    assert (lora.kind, lora.path, lora.sha256) == ("lora", "Lora/detail.safetensors", hashlib.sha256(b"d" * 10).hexdigest())
+    assert (lora.kind, lora.path, lora.sha256) == (
+        "lora",
+        "Lora/detail.safetensors",
+        hashlib.sha256(b"d" * 10).hexdigest(),
+    )
     assert len(source.fetches) == 2
 
     (store / "sd15.safetensors").write_bytes(b"S" * 1000)
@@ -117,4 +121,3 @@ def test_index_refuses_two_files_that_would_share_a_name(tmp_path):
     (tmp_path / "Lora" / "x.safetensors").write_bytes(b"2")
     with pytest.raises(CacheError, match="x.safetensors"):
         build_manifest(DirectorySource(tmp_path))
-

@@ -131,7 +131,10 @@ def test_a_model_pinned_by_another_process_is_not_evicted(tmp_path):
         cache.ensure("b")
         cache.ensure("c")  # a is the least recently used; the other process's pin keeps it
 
-        assert sorted(p.name for p in (tmp_path / "cache" / "checkpoints").iterdir()) == ["a.safetensors", "c.safetensors"]
+        assert sorted(p.name for p in (tmp_path / "cache" / "checkpoints").iterdir()) == [
+            "a.safetensors",
+            "c.safetensors",
+        ]
         assert [e.name for e in cache.ls() if e.in_use] == ["a.safetensors"]
     finally:
         child.kill()

@@ -49,9 +49,8 @@ def test_a_cached_model_is_a_hit_without_a_rescan(cache):
 
 def test_a_model_in_use_cannot_be_evicted(cache):
     models = CachedModels(cache)
-    with models.use(NAME):
-        with pytest.raises(ModelInUse):
-            cache.evict(NAME)
+    with models.use(NAME), pytest.raises(ModelInUse):
+        cache.evict(NAME)
     assert cache.evict(NAME) == SIZE
 
 
@@ -90,9 +89,8 @@ def test_a_corrupt_store_copy_raises_and_leaves_nothing_to_serve(cache, tmp_path
     (tmp_path / "store" / NAME).write_bytes(model_bytes("other", SIZE))
     models = CachedModels(cache)
 
-    with pytest.raises(ModelCorrupt):
-        with models.use(NAME):
-            pass
+    with pytest.raises(ModelCorrupt), models.use(NAME):
+        pass
     assert not (tmp_path / "cache" / "checkpoints" / NAME).exists()
 
 

@@ -182,7 +182,7 @@ def test_img2img_resizes_and_uploads_the_init_image_then_loads_it(backend, fake)
     init = base64.b64encode(_png(100, 50)).decode()
     generation, _ = run(backend, kind="img2img", init_image={"base64": init}, width=64, height=128,
                         denoising_strength=0.3)  # fmt: skip
-    (name, data), = fake.uploads
+    ((name, data),) = fake.uploads
     assert Image.open(io.BytesIO(data)).size == (64, 128)
     graph = fake.prompts[0]
     assert graph["init"]["inputs"]["image"] == f"sdagent/{name}"
@@ -255,8 +255,14 @@ def test_explicit_job_fields_are_written_into_their_nodes(backend, fake) -> None
 
 
 def test_video_fields_go_to_the_latent_batch_and_the_animation_saver(backend, fake) -> None:
-    graph = _graph(**{"9": {"class_type": "SaveWEBM", "inputs": {"images": ["8", 0], "filename_prefix": "v",
-                                                                  "codec": "vp9", "fps": 24.0, "crf": 32.0}}})
+    graph = _graph(
+        **{
+            "9": {
+                "class_type": "SaveWEBM",
+                "inputs": {"images": ["8", 0], "filename_prefix": "v", "codec": "vp9", "fps": 24.0, "crf": 32.0},
+            }
+        }
+    )
     run(backend, kind="workflow", workflow=graph, video={"frames": 9, "fps": 6})
     sent = fake.prompts[0]
     assert sent["5"]["inputs"]["batch_size"] == 9 and sent["9"]["inputs"]["fps"] == 6.0
@@ -265,7 +271,7 @@ def test_video_fields_go_to_the_latent_batch_and_the_animation_saver(backend, fa
 def test_an_init_image_goes_to_the_workflows_one_load_image(backend, fake) -> None:
     graph = _graph(**{"10": {"class_type": "LoadImage", "inputs": {"image": "x.png"}}})
     run(backend, kind="workflow", workflow=graph, init_image={"base64": base64.b64encode(_png(30, 20)).decode()})
-    (name, data), = fake.uploads
+    ((name, data),) = fake.uploads
     assert Image.open(io.BytesIO(data)).size == (30, 20)  # a workflow's graph decides sizes itself
     assert fake.prompts[0]["10"]["inputs"]["image"] == f"sdagent/{name}"
 

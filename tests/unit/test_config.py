@@ -44,8 +44,10 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
         ('[cache]\nsource = "/srv/models"\nmultipart_chunksize_bytes = 1024\n', "cache.multipart_chunksize_bytes"),
         ('[cache]\nprewarm = ["sd15.safetensors"]\n', "cache.prewarm"),  # nothing to prewarm from
         ("[cache]\nprewarm_most_used = 5\n", "cache.prewarm_most_used"),
-        ('[cache]\nsource = "s3://bucket/m"\nendpoint_url = "http://127.0.0.1:9000"\ntransfer_client = "crt"\n',
-         "cache.transfer_client"),
+        (
+            '[cache]\nsource = "s3://bucket/m"\nendpoint_url = "http://127.0.0.1:9000"\ntransfer_client = "crt"\n',
+            "cache.transfer_client",
+        ),
         ('[cache]\nsource = "/srv/models"\nprewarm = "sd15"\n', "cache.prewarm"),
         ('[cache]\nsource = "/srv/models"\nsize = 1\n', "cache.size"),
     ],
@@ -63,10 +65,13 @@ def test_bad_environment_value_names_the_key(monkeypatch):
     assert caught.value.key == "retry.max_attempts"
 
 
-@pytest.mark.parametrize("name, value, key", [
-    ("SDAGENT_KAFKA__CLIENT_CONFIG", '{"security.protocol": SSL}', "kafka.client_config"),
-    ("SDAGENT_BACKEND__MODELS", '["sd15.safetensors",', "backend.models"),
-])
+@pytest.mark.parametrize(
+    "name, value, key",
+    [
+        ("SDAGENT_KAFKA__CLIENT_CONFIG", '{"security.protocol": SSL}', "kafka.client_config"),
+        ("SDAGENT_BACKEND__MODELS", '["sd15.safetensors",', "backend.models"),
+    ],
+)
 def test_an_environment_value_that_is_not_json_names_its_key(monkeypatch, name, value, key):
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as caught:
@@ -89,7 +94,12 @@ def test_command_line_overrides_beat_the_environment(monkeypatch):
 
 
 def test_a_cache_section_from_the_example_shape_is_accepted(tmp_path):
-    settings = load_settings(write(tmp_path, '[cache]\nsource = "s3://models-bucket/sd"\nprewarm = ["sd15"]\n'
-                                             "prewarm_most_used = 3\nbudget_bytes = 400_000_000_000\n"))
+    settings = load_settings(
+        write(
+            tmp_path,
+            '[cache]\nsource = "s3://models-bucket/sd"\nprewarm = ["sd15"]\n'
+            "prewarm_most_used = 3\nbudget_bytes = 400_000_000_000\n",
+        )
+    )
     assert settings.cache.source == "s3://models-bucket/sd"
     assert settings.cache.prewarm == ["sd15"] and settings.cache.prewarm_most_used == 3

@@ -14,7 +14,6 @@ def test_the_launcher_turns_nagle_off_for_motos_request_handler():
     assert MotoRequestHandler.disable_nagle_algorithm is True
 
 
-
 def test_the_launcher_lists_motos_services_once_with_the_same_answer():
     import moto.backends
 

@@ -10,8 +10,8 @@ import pytest
 from confluent_kafka import Consumer
 
 from sdagent.gateway.status import StatusView
-from sdagent.kafka.records import STATUS_HEADER
 from sdagent.jobs import Status, StatusEvent
+from sdagent.kafka.records import STATUS_HEADER
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 import base64
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -87,11 +87,13 @@ def test_rejection_keeps_what_identifies_the_caller():
 def test_img2img_takes_exactly_one_init_image_source():
     image = base64.b64encode(b"png bytes").decode()
     assert parse_job(raw(kind="img2img", init_image={"base64": image}), LIMITS).init_image.base64 == image
-    assert rejection(raw(kind="img2img", init_image={"base64": image, "s3_uri": "s3://bucket/a.png"})).reason == "invalid"
+    assert (
+        rejection(raw(kind="img2img", init_image={"base64": image, "s3_uri": "s3://bucket/a.png"})).reason == "invalid"
+    )
 
 
 def test_ttl_counts_from_submission_or_from_receipt():
-    received = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    received = datetime(2026, 1, 1, tzinfo=UTC)
     submitted = received - timedelta(seconds=30)
     assert parse_job(raw(ttl_s=60), LIMITS).expires_at(received) == received + timedelta(seconds=60)
     job = parse_job(raw(ttl_s=60, submitted_at=submitted.isoformat()), LIMITS)

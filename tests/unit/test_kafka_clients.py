@@ -7,8 +7,6 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from sdagent.config import load_settings
-
-from sdagent.kafka.config import KafkaConfig
 from sdagent.errors import ConfigError, KafkaUnavailable
 from sdagent.kafka.clients import (
     LEDGER_FETCH_WAIT_MS,
@@ -17,6 +15,7 @@ from sdagent.kafka.clients import (
     producer_config,
     reader_config,
 )
+from sdagent.kafka.config import KafkaConfig
 
 
 def test_the_ledger_asks_the_broker_to_batch_its_fetches_for_a_bounded_time():

@@ -21,9 +21,14 @@ def fake():
 
 @pytest.fixture
 def autoscaling(fake):
-    return boto3.client("autoscaling", endpoint_url=fake.endpoint, region_name="us-east-1",
-                        aws_access_key_id="testing", aws_secret_access_key="testing",
-                        config=Config(retries={"max_attempts": 1}))
+    return boto3.client(
+        "autoscaling",
+        endpoint_url=fake.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(retries={"max_attempts": 1}),
+    )
 
 
 class FakeTime:

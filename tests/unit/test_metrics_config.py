@@ -7,12 +7,12 @@ import tomllib
 import pytest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sdagent.gpu.fake import FakeNvml
 from sdagent.metrics.assembly import DisabledPublisher, build_metrics
 from sdagent.metrics.cloudwatch import CloudWatchSink
 from sdagent.metrics.config import MetricsConfig
 from sdagent.metrics.dimensions import InstanceIdentity
 from sdagent.metrics.emf import EmfSink
-from sdagent.gpu.fake import FakeNvml
 
 
 class Mounted(BaseModel):
@@ -75,7 +75,9 @@ IDENTITY = InstanceIdentity("i-0abc", "g5.xlarge", "fleet")
 
 
 def test_build_metrics_chooses_the_sink_from_the_config(tmp_path):
-    emf = build_metrics(MetricsConfig(sink="emf", emf_destination=str(tmp_path / "emf.log")), IDENTITY, nvml=FakeNvml(1))
+    emf = build_metrics(
+        MetricsConfig(sink="emf", emf_destination=str(tmp_path / "emf.log")), IDENTITY, nvml=FakeNvml(1)
+    )
     assert isinstance(emf._sink, EmfSink)
     cloudwatch = build_metrics(MetricsConfig(), IDENTITY, region="us-east-1", nvml=FakeNvml(1))
     assert isinstance(cloudwatch._sink, CloudWatchSink)

@@ -8,13 +8,21 @@ import time
 import pytest
 from structlog.testing import capture_logs
 
+from sdagent.gpu.fake import REALISTIC_CALL_COSTS_S, FakeGpu, FakeNvml
 from sdagent.metrics import names
 from sdagent.metrics.dimensions import InstanceIdentity
-from sdagent.gpu.fake import REALISTIC_CALL_COSTS_S, FakeGpu, FakeNvml
 from sdagent.metrics.gpustats import GpuAggregator
 from sdagent.metrics.nvml import GpuSampler, throttle_flags
 
-NOT_SUPPORTED, NO_PERMISSION, TIMEOUT, FUNCTION_NOT_FOUND, GPU_IS_LOST, RESET_REQUIRED, UNKNOWN = 3, 4, 10, 13, 15, 16, 999
+NOT_SUPPORTED, NO_PERMISSION, TIMEOUT, FUNCTION_NOT_FOUND, GPU_IS_LOST, RESET_REQUIRED, UNKNOWN = (
+    3,
+    4,
+    10,
+    13,
+    15,
+    16,
+    999,
+)
 IDENTITY = InstanceIdentity("i-0abc", "g5.12xlarge", "sdagent-fleet")
 
 
@@ -44,7 +52,11 @@ def test_every_signal_is_read_in_its_unit():
 def test_throttle_bitmask_becomes_named_flags():
     assert throttle_flags(0) == frozenset()
     assert throttle_flags(0x4 | 0x8 | 0x20 | 0x40 | 0x80) == {
-        "SwPowerCap", "HwSlowdown", "SwThermalSlowdown", "HwThermalSlowdown", "HwPowerBrakeSlowdown"
+        "SwPowerCap",
+        "HwSlowdown",
+        "SwThermalSlowdown",
+        "HwThermalSlowdown",
+        "HwPowerBrakeSlowdown",
     }
     assert throttle_flags(0x1000) == {"Bit0x1000"}  # a bit a newer driver adds is kept, not lost
 
@@ -234,7 +246,10 @@ def test_aggregator_turns_an_interval_into_statistic_sets_per_gpu():
     assert gpu0.unit == "Percent" and gpu0.timestamp == 1_700_000_040.0
     assert len(util) == 2
     assert dict(gpu0.dimensions) == {
-        "InstanceId": "i-0abc", "InstanceType": "g5.12xlarge", "AutoScalingGroupName": "sdagent-fleet", "GpuIndex": "0"
+        "InstanceId": "i-0abc",
+        "InstanceType": "g5.12xlarge",
+        "AutoScalingGroupName": "sdagent-fleet",
+        "GpuIndex": "0",
     }
     # Healthy GPUs publish no error metrics at all.
     assert not [d for d in data if d.name in (names.GPU_XID_ERRORS, names.GPU_LOST, names.GPU_ECC_UNCORRECTED)]

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
+from sdagent.gpu.fake import FakeNvml
 from sdagent.metrics import names
 from sdagent.metrics.clock import ScaledClock
 from sdagent.metrics.dimensions import InstanceIdentity
-from sdagent.gpu.fake import FakeNvml
 from sdagent.metrics.nvml import GpuSampler
 from sdagent.metrics.publisher import MetricsPublisher
 from sdagent.metrics.sink import MetricsSink, SendResult, SinkUnavailable

@@ -109,11 +109,25 @@ def test_alarms_template_passes_cfn_lint():
 
 # aws/amazon-cloudwatch-agent translator/translate/metrics/config/registered_metrics.go, nvidia_smi.
 NVIDIA_SMI_MEASUREMENTS = {
-    "utilization_gpu", "temperature_gpu", "power_draw", "utilization_memory", "utilization_encoder",
-    "utilization_decoder", "fan_speed", "memory_total", "memory_used", "memory_free",
-    "pcie_link_gen_current", "pcie_link_width_current", "encoder_stats_session_count",
-    "encoder_stats_average_fps", "encoder_stats_average_latency", "clocks_current_graphics",
-    "clocks_current_sm", "clocks_current_memory", "clocks_current_video",
+    "utilization_gpu",
+    "temperature_gpu",
+    "power_draw",
+    "utilization_memory",
+    "utilization_encoder",
+    "utilization_decoder",
+    "fan_speed",
+    "memory_total",
+    "memory_used",
+    "memory_free",
+    "pcie_link_gen_current",
+    "pcie_link_width_current",
+    "encoder_stats_session_count",
+    "encoder_stats_average_fps",
+    "encoder_stats_average_latency",
+    "clocks_current_graphics",
+    "clocks_current_sm",
+    "clocks_current_memory",
+    "clocks_current_video",
 }
 
 
@@ -136,7 +150,12 @@ def test_dashboard_is_valid_json_after_substitution_and_names_real_metrics():
     text = (CLOUDWATCH / "dashboard.json").read_text()
     placeholders = set(re.findall(r"\$\{(\w+)\}", text))
     assert placeholders == {"Region", "Namespace", "AutoScalingGroupName", "JobsTopic"}
-    values = {"Region": "us-east-1", "Namespace": "SDAgent", "AutoScalingGroupName": "fleet", "JobsTopic": "sdagent.jobs"}
+    values = {
+        "Region": "us-east-1",
+        "Namespace": "SDAgent",
+        "AutoScalingGroupName": "fleet",
+        "JobsTopic": "sdagent.jobs",
+    }
     body = json.loads(re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], text))
     referenced = set()
     for widget in body["widgets"]:

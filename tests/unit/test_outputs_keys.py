@@ -25,8 +25,13 @@ PNG = Artifact(b"\x89PNG\r\n\x1a\n" + b"\0" * 32, "image/png", "png", seed=7)
 def s3_client():
     # Building a client and presigning need no network; any call made would go through a Stubber.
     # s3v4 explicitly: left unset, botocore still presigns with SigV2 in us-east-1.
-    return boto3.client("s3", region_name="us-east-1", aws_access_key_id="testing",
-                        aws_secret_access_key="testing", config=Config(signature_version="s3v4"))
+    return boto3.client(
+        "s3",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=Config(signature_version="s3v4"),
+    )
 
 
 def store(prefix: str = "outputs", **kwargs) -> OutputStore:
@@ -44,8 +49,9 @@ def rsa_key() -> rsa.RSAPrivateKey:
 
 
 def pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 # --- keys ----------------------------------------------------------------------------------------
@@ -142,8 +148,12 @@ def test_cloudfront_url_quotes_the_key():
 
 
 def test_signed_cloudfront_url_verifies_with_the_public_key(rsa_key):
-    signed = store(cloudfront_domain="cdn.example.com", cloudfront_key_id="K2JCJMDEHXQW5F",
-                   cloudfront_private_key_pem=pem(rsa_key), url_ttl_s=3600)
+    signed = store(
+        cloudfront_domain="cdn.example.com",
+        cloudfront_key_id="K2JCJMDEHXQW5F",
+        cloudfront_private_key_pem=pem(rsa_key),
+        url_ttl_s=3600,
+    )
     url = signed.url_for("outputs/2023/11/14/job-1/0.png")
 
     parts = urlsplit(url)
@@ -156,13 +166,12 @@ def test_signed_cloudfront_url_verifies_with_the_public_key(rsa_key):
 
     # The canned policy as CloudFront rebuilds it, whitespace-free, in this exact order (AWS docs:
     # "Create a signed URL using a canned policy").
-    policy = ('{"Statement":[{"Resource":"%s","Condition":{"DateLessThan":{"AWS:EpochTime":%s}}}]}'
-              % (resource, query["Expires"])).encode()
+    expires = query["Expires"]
+    policy = f'{{"Statement":[{{"Resource":"{resource}","Condition":{{"DateLessThan":{{"AWS:EpochTime":{expires}}}}}}}]}}'.encode()
     signature = base64.b64decode(query["Signature"].translate(str.maketrans("-_~", "+=/")))
     rsa_key.public_key().verify(signature, policy, padding.PKCS1v15(), hashes.SHA1())
     with pytest.raises(InvalidSignature):
-        rsa_key.public_key().verify(signature, policy.replace(b"0.png", b"1.png"),
-                                    padding.PKCS1v15(), hashes.SHA1())
+        rsa_key.public_key().verify(signature, policy.replace(b"0.png", b"1.png"), padding.PKCS1v15(), hashes.SHA1())
 
 
 def test_without_cloudfront_the_link_is_a_presigned_s3_url():
@@ -180,8 +189,11 @@ def test_cloudfront_key_id_without_a_private_key_is_a_config_error():
 
 def test_non_rsa_cloudfront_key_is_a_config_error():
     with pytest.raises(ConfigError, match="RSA"):
-        store(cloudfront_domain="cdn.example.com", cloudfront_key_id="K2JCJMDEHXQW5F",
-              cloudfront_private_key_pem=pem(ec.generate_private_key(ec.SECP256R1())))
+        store(
+            cloudfront_domain="cdn.example.com",
+            cloudfront_key_id="K2JCJMDEHXQW5F",
+            cloudfront_private_key_pem=pem(ec.generate_private_key(ec.SECP256R1())),
+        )
 
 
 def test_presigned_s3_url_cannot_outlive_seven_days():

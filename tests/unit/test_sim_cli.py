@@ -41,8 +41,13 @@ def test_a_models_dir_alone_starts_with_no_checkpoint_of_its_own(tmp_path: Path)
 
 @pytest.mark.parametrize(
     "argv",
-    [["--fault", "boom"], ["--step-latency-s", "-1"], ["--models", "a=big"], ["--initial-model", "zzz"],
-     ["--models"]],  # no model and no models dir: nothing to serve
+    [
+        ["--fault", "boom"],
+        ["--step-latency-s", "-1"],
+        ["--models", "a=big"],
+        ["--initial-model", "zzz"],
+        ["--models"],
+    ],  # no model and no models dir: nothing to serve
 )
 def test_bad_values_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == ExitCode.USAGE

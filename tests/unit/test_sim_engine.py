@@ -114,9 +114,8 @@ def test_vram_holds_the_model_plus_working_memory_and_refuses_more() -> None:
     with sim.working_memory(1000, 1000, 1):  # 1 MP: 1000 MB on top of the 2000 MB model
         assert sim.vram_used_mb == 3000
     assert sim.vram_used_mb == 2000 and sim.peak_mb == 3000
-    with pytest.raises(SimulatedOOM):
-        with sim.working_memory(1000, 1000, 3):
-            pass
+    with pytest.raises(SimulatedOOM), sim.working_memory(1000, 1000, 3):
+        pass
     assert sim.oom_events == 1
 
 

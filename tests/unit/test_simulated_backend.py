@@ -164,9 +164,7 @@ def test_steps_wait_step_latency_and_report_progress_each_step():
     backend = make_backend(step_latency_s=0.5, clock=fake.clock, wait=fake.wait)
     calls: list[tuple[int, int]] = []
 
-    generation = backend.generate(
-        make_job(steps=4), lambda step, steps: calls.append((step, steps)), threading.Event()
-    )
+    generation = backend.generate(make_job(steps=4), lambda step, steps: calls.append((step, steps)), threading.Event())
 
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert fake.now == pytest.approx(2.0)

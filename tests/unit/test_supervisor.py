@@ -160,7 +160,9 @@ def test_ready_needs_every_expected_model_and_one_failed_probe_does_not_flap() -
 def test_hung_job_is_reported_before_the_interrupt_and_only_once() -> None:
     clock = FakeClock()
     calls: list[str] = []
-    supervisor = attached(FakeProbe(Health(ready=True, models=("sd15",))), clock, interrupt=lambda: calls.append("interrupt"))
+    supervisor = attached(
+        FakeProbe(Health(ready=True, models=("sd15",))), clock, interrupt=lambda: calls.append("interrupt")
+    )
     supervisor.on_hang(lambda job_id, reason: calls.append(f"hang {job_id} {reason}"))
 
     job = supervisor.job_started("job-1")
@@ -215,8 +217,15 @@ def test_a_failing_callback_does_not_stop_the_others() -> None:
 
 def test_attached_webui_is_never_restarted_for_memory() -> None:
     config = ProcessConfig(max_rss_bytes=1, max_gpu_memory_bytes=1)
-    supervisor = WebUISupervisor(config, FakeProbe(Health(ready=True)), [], interrupt=lambda: None,
-                                 job_timeout_s=900, stall_timeout_s=120, memory_probe=lambda: 10**12)
+    supervisor = WebUISupervisor(
+        config,
+        FakeProbe(Health(ready=True)),
+        [],
+        interrupt=lambda: None,
+        job_timeout_s=900,
+        stall_timeout_s=120,
+        memory_probe=lambda: 10**12,
+    )
     assert not supervisor.restart_if_over_memory()
 
 
@@ -239,8 +248,15 @@ def test_launch_uses_a_new_session_and_the_configured_environment(tmp_path) -> N
 
     missing_library = str(tmp_path / "libtcmalloc_minimal.so.4")
     config = ProcessConfig(command=["./webui.sh", "--nowebui"], cwd=tmp_path, env={"LD_PRELOAD": missing_library})
-    supervisor = WebUISupervisor(config, FakeProbe(Health(ready=False)), [], interrupt=lambda: None,
-                                 job_timeout_s=900, stall_timeout_s=120, launcher=launcher)
+    supervisor = WebUISupervisor(
+        config,
+        FakeProbe(Health(ready=False)),
+        [],
+        interrupt=lambda: None,
+        job_timeout_s=900,
+        stall_timeout_s=120,
+        launcher=launcher,
+    )
     with capture_logs() as logs, pytest.raises(FileNotFoundError):
         supervisor.start()  # a command that cannot run is a start-up error
 
@@ -258,8 +274,15 @@ def test_without_configured_variables_the_child_inherits_the_environment() -> No
         launched.append(kwargs)
         raise PermissionError(13, "Permission denied", command[0])
 
-    supervisor = WebUISupervisor(ProcessConfig(command=["webui"]), FakeProbe(Health(ready=False)), [],
-                                 interrupt=lambda: None, job_timeout_s=900, stall_timeout_s=120, launcher=launcher)
+    supervisor = WebUISupervisor(
+        ProcessConfig(command=["webui"]),
+        FakeProbe(Health(ready=False)),
+        [],
+        interrupt=lambda: None,
+        job_timeout_s=900,
+        stall_timeout_s=120,
+        launcher=launcher,
+    )
     with pytest.raises(PermissionError):
         supervisor.start()
     assert launched[0]["env"] is None  # no LD_PRELOAD invented

@@ -24,7 +24,6 @@ This module only knows the file format; which parameters a job kind needs is the
 
 from __future__ import annotations
 
-from sdagent.errors import SdagentError
 import copy
 import json
 import re
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from sdagent.errors import SdagentError
 
 BUILTIN = "builtin"  # the ``source`` of a template shipped in this package
 
@@ -139,8 +140,10 @@ def parse_template(text: str, *, file_name: str, source: str) -> Template:
     if not isinstance(graph, dict) or not graph:
         raise fail("graph must be a non-empty API-format object {node_id: {class_type, inputs}}")
     for node_id, node in graph.items():
-        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str) or not isinstance(
-            node.get("inputs"), dict
+        if (
+            not isinstance(node, dict)
+            or not isinstance(node.get("class_type"), str)
+            or not isinstance(node.get("inputs"), dict)
         ):
             raise fail(f"node {node_id!r} needs a class_type string and an inputs object")
         for input_name, value in node["inputs"].items():

@@ -70,5 +70,5 @@ class ModelSource(abc.ABC):
         None when only polling :meth:`manifest_version` can (S3). The caller stops it."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: most implementations hold nothing to release
         """Release clients and threads; the default has nothing to release."""

@@ -29,7 +29,7 @@ from watchdog.observers import Observer
 from sdagent.cache.errors import CacheError, ManifestMissing, ModelCorrupt, ModelNotFound, ModelUnavailable
 from sdagent.cache.manifest import MANIFEST_NAME, Manifest
 from sdagent.cache.ranged import ShortRead, copy_ranges
-from sdagent.cache.sources.base import ModelSource, Sink, StoreFile, Stoppable
+from sdagent.cache.sources.base import ModelSource, Sink, Stoppable, StoreFile
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +72,9 @@ class DirectorySource(ModelSource):
                 return Manifest.loads(handle.read()), version
         except FileNotFoundError:
             self._check_root()
-            raise ManifestMissing(f"no {MANIFEST_NAME} in {self.root} (build one with: sdagent cache index {self.root})") from None
+            raise ManifestMissing(
+                f"no {MANIFEST_NAME} in {self.root} (build one with: sdagent cache index {self.root})"
+            ) from None
         except OSError as exc:
             raise self._error(exc, MANIFEST_NAME) from exc
 

@@ -23,11 +23,11 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from sdagent.storage import errors as s3errors
 from sdagent.cache.errors import CacheError, ManifestMissing, ModelCorrupt, ModelNotFound, ModelUnavailable
 from sdagent.cache.manifest import MANIFEST_NAME, Manifest
 from sdagent.cache.ranged import ShortRead, copy_ranges
 from sdagent.cache.sources.base import ModelSource, Sink, StoreFile
+from sdagent.storage import errors as s3errors
 
 log = structlog.get_logger(__name__)
 
