@@ -1,10 +1,11 @@
-# Developer entry points. `make test` works on a fresh clone: it creates the virtualenv itself.
+# Developer entry points. `make test` works on a fresh clone: it installs the system tools the
+# tests need (ci/install-test-tools.sh) and creates the virtualenv itself.
 
 PYTHON ?= python3
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: venv test demo
+.PHONY: venv tools lint test demo
 
 venv: $(VENV)/.installed
 
@@ -12,10 +13,19 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[gateway,sim,test]'
 	touch $@
 
-test: venv
+# Java, Maven, Go, systemd-analyze, shellcheck, cfn-lint, packer: seconds once installed.
+tools: venv
+	bash ci/install-test-tools.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: tools lint
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 demo: venv

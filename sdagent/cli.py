@@ -7,6 +7,7 @@ Only this module installs signal handlers and configures logging. Exit codes are
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import structlog
 from pydantic import ValidationError
 
 from sdagent.config import DEFAULT_CONFIG_PATH, Settings, load_settings
-from sdagent.errors import ConfigError, ExitCode, KafkaUnavailable, SdagentError
+from sdagent.errors import ConfigError, ExitCode, KafkaUnavailable, MissingExtra, SdagentError
 from sdagent.jobs import describe_validation_error
 from sdagent.logs import configure_logging
 
@@ -136,7 +137,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _gateway(args: argparse.Namespace) -> int:
-    from sdagent.gateway.server import serve
+    serve = _from_extra("gateway", "sdagent.gateway.server", "serve")
 
     settings = _settings(args)
     if args.port is not None:
@@ -284,16 +285,27 @@ def _topics_create(args: argparse.Namespace) -> int:
 
 
 def _sim(args: argparse.Namespace) -> int:
+    _from_extra("sim", "sdagent.sim.server", "run")  # aiohttp: imported by run_from_args, named here
     from sdagent.sim.cli import run_from_args
 
     return run_from_args(args)
 
 
 def _devstack(args: argparse.Namespace) -> int:
-    from sdagent.devstack.stack import run_demo
+    run_demo = _from_extra("sim", "sdagent.devstack.stack", "run_demo")
 
     configure_logging("console", "warning")
     return run_demo(jobs=args.jobs)
+
+
+def _from_extra(extra: str, module: str, name: str) -> Any:
+    """``module.name``, or MissingExtra naming the extra that installs what ``module`` imports."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "sdagent":
+            raise  # our own module missing is a broken install, not an extra
+        raise MissingExtra(extra, exc.name) from None
 
 
 if __name__ == "__main__":

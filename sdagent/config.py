@@ -95,7 +95,9 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     """
     values = _read_toml(path) if path is not None else {}
     try:
-        merged = _FileAndEnvironment(**values).model_dump()  # the environment beats the file
+        # Only what the file and the environment set: a default of one backend kind must not be
+        # carried into a kind an override picks.
+        merged = _FileAndEnvironment(**values).model_dump(exclude_unset=True)  # the environment beats the file
         for section, section_values in (overrides or {}).items():
             merged.setdefault(section, {}).update(section_values)
         return Settings.model_validate(merged)

@@ -155,3 +155,12 @@ class GatewayError(SdagentError):
 
 class WebhookError(GatewayError):
     """Base of the errors of webhook delivery."""
+
+
+class MissingExtra(SdagentError):
+    """Raised when a command needs an optional part that is not installed (``pip install 'sdagent[X]'``)."""
+
+    def __init__(self, extra: str, module: str | None) -> None:
+        super().__init__(f"needs the {extra!r} extra ({module} is not installed): pip install 'sdagent[{extra}]'")
+        self.extra = extra
+

@@ -475,7 +475,7 @@ def _import_av():  # type: ignore[no-untyped-def]
         import av
     except ImportError as exc:
         raise UnsupportedJob(
-            f"mp4 and webm outputs need PyAV (pip install av), which is not importable: {exc}"
+            f"mp4 and webm outputs need PyAV (pip install 'sdagent[sim]'), which is not importable: {exc}"
         ) from None
     return av
 

@@ -31,6 +31,7 @@ import structlog
 
 from sdagent.devstack.kafka import die_with_parent, exclusive_lock, free_loopback_port
 from sdagent.devstack.process import stop_group, wait_until_answering
+from sdagent.errors import SdagentError
 from sdagent.lifecycle.imds import TOKEN_PATH, TOKEN_TTL_HEADER
 
 log = structlog.get_logger(__name__)
@@ -45,7 +46,7 @@ STOP_TIMEOUT_S = 5.0
 LOG_TAIL_CHARS = 4000
 
 
-class AemmStartError(RuntimeError):
+class AemmStartError(SdagentError, RuntimeError):
     """AEMM could not be installed or did not come up."""
 
 

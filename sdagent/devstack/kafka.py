@@ -28,6 +28,7 @@ from pathlib import Path
 import structlog
 
 from sdagent.devstack.process import signal_group, stop_group, wait_until_answering
+from sdagent.errors import SdagentError
 
 log = structlog.get_logger(__name__)
 
@@ -79,7 +80,7 @@ TEST_BROKER_SETTINGS = {
 }
 
 
-class KafkaStartError(RuntimeError):
+class KafkaStartError(SdagentError, RuntimeError):
     """The broker could not be installed, formatted or started."""
 
 

@@ -16,6 +16,7 @@ import structlog
 
 from sdagent.devstack.kafka import die_with_parent, free_loopback_port
 from sdagent.devstack.process import stop_group, wait_until_answering
+from sdagent.errors import SdagentError
 
 log = structlog.get_logger(__name__)
 
@@ -28,7 +29,7 @@ DUMMY_CREDENTIALS = {
 }
 
 
-class MotoStartError(RuntimeError):
+class MotoStartError(SdagentError, RuntimeError):
     """The moto server did not come up."""
 
 

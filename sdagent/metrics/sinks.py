@@ -6,14 +6,13 @@ their sink's module only when called, so the configuration needs none of their l
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from sdagent.metrics.config import MetricsConfig
-    from sdagent.metrics.sink import MetricsSink
+from sdagent.metrics.sink import MetricsSink
 
-# (config, the instance's region, a boto3 CloudWatch client that replaces the configured one)
-SinkFactory = Callable[["MetricsConfig", "str | None", Any], "MetricsSink"]
+# (the [metrics] section, the instance's region, a boto3 CloudWatch client that replaces the
+# configured one). The section is typed Any: metrics.config imports this registry to check names.
+SinkFactory = Callable[[Any, "str | None", Any], MetricsSink]
 
 _SINKS: dict[str, SinkFactory] = {}
 
@@ -33,12 +32,12 @@ def names() -> tuple[str, ...]:
     return tuple(sorted(_SINKS))
 
 
-def build(config: MetricsConfig, region: str | None, cloudwatch: Any = None) -> MetricsSink:
+def build(config: Any, region: str | None, cloudwatch: Any = None) -> MetricsSink:
     # The name was checked against this registry when the configuration was read.
     return _SINKS[config.sink](config, region, cloudwatch)
 
 
-def _cloudwatch(config: MetricsConfig, region: str | None, cloudwatch: Any) -> MetricsSink:
+def _cloudwatch(config: Any, region: str | None, cloudwatch: Any) -> MetricsSink:
     from sdagent.metrics.cloudwatch import CloudWatchSink, cloudwatch_client
 
     client = cloudwatch or cloudwatch_client(
@@ -51,7 +50,7 @@ def _cloudwatch(config: MetricsConfig, region: str | None, cloudwatch: Any) -> M
     return CloudWatchSink(client, config.namespace, config.storage_resolution)
 
 
-def _emf(config: MetricsConfig, _region: str | None, _cloudwatch: Any) -> MetricsSink:
+def _emf(config: Any, _region: str | None, _cloudwatch: Any) -> MetricsSink:
     from sdagent.metrics.emf import EmfSink, writer_for
 
     return EmfSink(writer_for(config.emf_destination), config.namespace, config.storage_resolution,

@@ -23,6 +23,7 @@ import psutil
 import structlog
 from aiohttp import web
 
+from sdagent.errors import SdagentError
 from sdagent.sim import a1111_schema as schema
 from sdagent.sim.catalog import Checkpoint
 from sdagent.sim.engine import Engine, Generation, Outcome, SimulatedOOM
@@ -35,7 +36,7 @@ VERSION = "v1.10.1-simulated"  # what infotexts and info.version say; marks ever
 MIB = 1024 * 1024
 
 
-class NoCheckpoint(Exception):
+class NoCheckpoint(SdagentError):
     """Raised when no checkpoint can be loaded at all (A1111 raises FileNotFoundError)."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from sdagent.errors import SdagentError
 from sdagent.sim.comfy_nodes import Dirs, Interrupted, Node, NodeResult, RunContext
 from sdagent.sim.comfy_ws import SocketHub
 from sdagent.sim.engine import Engine, Generation, SimulatedOOM
@@ -117,7 +118,7 @@ class PromptQueue:
 
 
 @dataclass
-class _NodeError(Exception):
+class _NodeError(SdagentError):
     node_id: str
     error: Exception
     inputs: dict[str, Any]

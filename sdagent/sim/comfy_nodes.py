@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from sdagent.errors import SdagentError
 from sdagent.jobs import OutputFormat
 from sdagent.sim.catalog import Catalog
 from sdagent.sim.engine import Engine, Generation, Outcome
@@ -75,7 +76,7 @@ class NodeResult:
     ui: dict[str, Any] | None = None
 
 
-class NodeFailure(Exception):
+class NodeFailure(SdagentError):
     """Raised by a node the way a Python exception escapes a real one; ``exception_type`` is reported."""
 
     def __init__(self, message: str, exception_type: str = "Exception") -> None:
@@ -83,7 +84,7 @@ class NodeFailure(Exception):
         self.exception_type = exception_type
 
 
-class Interrupted(Exception):
+class Interrupted(SdagentError):
     """comfy.model_management.InterruptProcessingException: ``/interrupt`` reached a running node."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdagent.errors import SdagentError
 from sdagent.sim.catalog import Catalog
 from sdagent.sim.comfy_nodes import Dirs, Node
 
@@ -17,7 +18,7 @@ Result = tuple[bool, list[dict[str, Any]], str]
 _CONVERTERS = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
 
 
-class _BrokenGraph(Exception):
+class _BrokenGraph(SdagentError):
     """A link to a missing node or slot, or a cycle: the real validator fails with a Python error here."""
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from sdagent.errors import SdagentError
 from sdagent.sim.catalog import Catalog, Checkpoint
 from sdagent.sim.faults import Api, Fault, FaultKind, FaultPlan
 from sdagent.sim.options import SimOptions
@@ -41,7 +42,7 @@ class Outcome(enum.Enum):
     SKIPPED = "skipped"  # A1111 /skip: the current batch ends, the next one runs
 
 
-class SimulatedOOM(Exception):
+class SimulatedOOM(SdagentError):
     """Raised when a model or a generation needs more VRAM than is free; torch's OutOfMemoryError."""
 
     def __init__(self, requested_mb: float, free_mb: float, total_mb: float) -> None:
