@@ -163,4 +163,3 @@ class MissingExtra(SdagentError):
     def __init__(self, extra: str, module: str | None) -> None:
         super().__init__(f"needs the {extra!r} extra ({module} is not installed): pip install 'sdagent[{extra}]'")
         self.extra = extra
-

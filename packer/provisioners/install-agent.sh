@@ -20,5 +20,7 @@ if [[ ! -x /opt/sdagent/bin/python ]]; then
   uv venv --python "${AGENT_PYTHON}" --python-preference only-managed /opt/sdagent
 fi
 # Reinstalling the same wheel is a no-op, so the script can run twice.
-uv pip install --python /opt/sdagent/bin/python --no-cache "${wheels[0]}"
+# The agent, plus the gateway's extra: sdagent-gateway.service ships in the image (not enabled), so
+# an instance can serve the HTTP API without a second install. The simulator's extra stays out.
+uv pip install --python /opt/sdagent/bin/python --no-cache "${wheels[0]}[gateway]"
 /opt/sdagent/bin/sdagent --help >/dev/null

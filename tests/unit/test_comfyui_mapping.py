@@ -18,7 +18,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from sdagent.backends.comfyui import ComfyUIBackend, _execution_error, _rejected, _Watch
+from sdagent.backends.comfyui import ComfyUIBackend
+from sdagent.backends.comfyui.errors import execution_error, rejected
+from sdagent.backends.comfyui.transport import PromptWatch
 from sdagent.errors import BackendError, BackendUnavailable, ConfigError, ModelNotFound, UnsupportedJob
 from sdagent.jobs import Job
 
@@ -331,15 +333,15 @@ def test_an_unreachable_comfyui_is_transient_and_health_says_why() -> None:
 def test_rejections_map_to_unsupported_model_not_found_or_a_summary() -> None:
     missing = {"error": {"type": "missing_node_type", "message": "Node 'Foo' not found."}, "node_errors": {}}
     old_missing = {"error": {"type": "invalid_prompt", "message": "Cannot execute because node Foo does not exist."}}
-    assert isinstance(_rejected(missing), UnsupportedJob) and isinstance(_rejected(old_missing), UnsupportedJob)
+    assert isinstance(rejected(missing), UnsupportedJob) and isinstance(rejected(old_missing), UnsupportedJob)
     reason = {"type": "value_not_in_list", "message": "Value not in list", "details": "ckpt_name: 'x' not in [...]"}
     ckpt = {"error": {"message": "Prompt outputs failed validation"},
             "node_errors": {"4": {"class_type": "CheckpointLoaderSimple", "errors": [reason]}}}  # fmt: skip
-    assert isinstance(_rejected(ckpt), ModelNotFound)
+    assert isinstance(rejected(ckpt), ModelNotFound)
     steps = {"type": "value_smaller_than_min", "message": "Value 0 smaller than min of 1", "details": "steps"}
     bad = {"error": {"message": "Prompt outputs failed validation"},
            "node_errors": {"3": {"class_type": "KSampler", "errors": [steps]}}}  # fmt: skip
-    error = _rejected(bad)
+    error = rejected(bad)
     assert type(error) is BackendError
     assert str(error) == (
         "ComfyUI rejected the graph: Prompt outputs failed validation: "
@@ -350,13 +352,13 @@ def test_rejections_map_to_unsupported_model_not_found_or_a_summary() -> None:
 def test_an_out_of_memory_execution_error_says_so() -> None:
     oom = {"node_id": "3", "node_type": "KSampler", "exception_type": "torch.cuda.OutOfMemoryError",
            "exception_message": "Allocation on device\nThis error means you ran out of memory."}  # fmt: skip
-    assert "ran out of GPU memory at node 3 (KSampler)" in str(_execution_error(oom))
+    assert "ran out of GPU memory at node 3 (KSampler)" in str(execution_error(oom))
     other = {"node_id": "9", "node_type": "X", "exception_type": "ValueError", "exception_message": "bad\nmore"}
-    assert str(_execution_error(other)) == "ComfyUI failed at node 9 (X): ValueError: bad"
+    assert str(execution_error(other)) == "ComfyUI failed at node 9 (X): ValueError: bad"
 
 
 def test_the_watch_keeps_to_its_prompt_and_times_its_nodes() -> None:
-    watch = _Watch("p1")
+    watch = PromptWatch("p1")
 
     def feed(kind: str, now: float, **data: Any):
         return watch.on_message(json.dumps({"type": kind, "data": data}), now)
