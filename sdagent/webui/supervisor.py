@@ -17,7 +17,6 @@ unit's ``KillMode=control-group`` (the default) is what cleans it up before a re
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import re
@@ -36,6 +35,9 @@ from sdagent.backends.base import Backend, Health
 from sdagent.backends.config import WebUIBackendConfig
 from sdagent.gpu.memory import GpuMemoryProbe
 from sdagent.webui.config import ProcessConfig
+from sdagent.webui.output import OUTPUT_READ_LIMIT_BYTES, OutputLog, clean_output_line
+from sdagent.webui.process import descendants, signal_group, signal_name, tree_rss_bytes
+from sdagent.webui.restart import RestartPolicy
 
 log = structlog.get_logger(__name__)
 
@@ -58,71 +60,9 @@ HANG_INTERRUPT_GRACE_S = 10.0
 KILL_WAIT_S = 5.0  # after SIGKILL: a process stuck in the GPU driver (D state) may never be reaped
 THREAD_JOIN_S = 10.0  # stop() waits this long per thread; the probe's own timeout bounds the monitor
 MONITOR_ERROR_BACKOFF_S = 1.0  # after an unexpected error in a monitor round
-# Output folded into the log. A WebUI prints a few lines per job, but a progress bar or an error in
-# a loop prints thousands a second; journald rate-limits per unit (10,000 messages per 30 s by
-# default) and would drop the agent's own events with them.
-OUTPUT_LINES_PER_S = 20.0
-OUTPUT_BURST_LINES = 200
-OUTPUT_LINE_MAX_CHARS = 2000
-OUTPUT_READ_LIMIT_BYTES = 64 * 1024  # a progress bar never ends its line: read it in bounded pieces
-
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 # --- restart arithmetic ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RestartDecision:
-    """How long to wait before the next launch, and whether restarts have become a crash loop."""
-
-    backoff_s: float
-    recent_restarts: int  # within the crash-loop window, this one included
-    crash_loop: bool
-    entered_crash_loop: bool  # this restart is the one that made it a crash loop
-
-
-class RestartPolicy:
-    """Capped exponential backoff over the failures within the crash-loop window.
-
-    The n-th failure within ``window_s`` waits ``initial_s * 2**(n-1)``, capped at ``max_s``; failures
-    spaced wider than the window start again from ``initial_s``. More than ``loop_restarts`` within the
-    window is a crash loop: the backoff stays at its cap until the window holds no more than that.
-    """
-
-    def __init__(self, initial_s: float, max_s: float, loop_restarts: int, window_s: float) -> None:
-        self._initial_s = initial_s
-        self._max_s = max_s
-        self._loop_restarts = loop_restarts
-        self._window_s = window_s
-        self._failures: collections.deque[float] = collections.deque()
-        self.in_crash_loop = False
-
-    def record(self, now: float) -> RestartDecision:
-        """Count a failure at ``now`` and decide the backoff before the next launch."""
-        self._expire(now)
-        self._failures.append(now)
-        recent = len(self._failures)
-        crash_loop = recent > self._loop_restarts
-        entered = crash_loop and not self.in_crash_loop
-        self.in_crash_loop = crash_loop
-        if crash_loop:
-            backoff = self._max_s
-        else:
-            backoff = min(self._max_s, self._initial_s * 2 ** min(recent - 1, 62))
-        return RestartDecision(backoff, recent, crash_loop, entered)
-
-    def settle(self, now: float) -> bool:
-        """Forget failures older than the window; True when that ends a crash loop."""
-        self._expire(now)
-        if self.in_crash_loop and len(self._failures) <= self._loop_restarts:
-            self.in_crash_loop = False
-            return True
-        return False
-
-    def _expire(self, now: float) -> None:
-        while self._failures and now - self._failures[0] > self._window_s:
-            self._failures.popleft()
 
 
 # --- the job in flight -----------------------------------------------------------------------
@@ -155,108 +95,7 @@ def hang_reason(job: WatchedJob, now: float, job_timeout_s: float, stall_timeout
 # --- the child's output ----------------------------------------------------------------------
 
 
-class TokenBucket:
-    """Allows ``rate`` events a second on average and bursts of ``burst``; thread-safe."""
-
-    def __init__(self, rate: float, burst: float, clock: Clock) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._clock = clock
-        self._tokens = burst
-        self._last = clock()
-        self._lock = threading.Lock()
-
-    def allow(self) -> bool:
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-            self._last = now
-            if self._tokens >= 1:
-                self._tokens -= 1
-                return True
-            return False
-
-
-def clean_output_line(raw: bytes) -> str:
-    """One line of the child's output as a terminal would show it: no colours, last redraw only."""
-    text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-    text = text.rsplit("\r", 1)[-1]  # a progress bar redraws its line with \r: keep the last state
-    return _ANSI_ESCAPE.sub("", text).rstrip()
-
-
-class _OutputLog:
-    """Folds the child's lines into the structured log, rate-limited and truncated."""
-
-    def __init__(self, clock: Clock) -> None:
-        self._bucket = TokenBucket(OUTPUT_LINES_PER_S, OUTPUT_BURST_LINES, clock)
-        self._dropped = 0
-        self._lock = threading.Lock()
-
-    def emit(self, line: str, stream: str, pid: int) -> None:
-        if not self._bucket.allow():
-            with self._lock:
-                self._dropped += 1
-            return
-        self.flush_dropped()
-        fields: dict[str, Any] = {}
-        if len(line) > OUTPUT_LINE_MAX_CHARS:
-            fields["truncated_chars"] = len(line) - OUTPUT_LINE_MAX_CHARS
-            line = line[:OUTPUT_LINE_MAX_CHARS]
-        log.info("webui.output", line=line, stream=stream, pid=pid, **fields)
-
-    def flush_dropped(self) -> None:
-        with self._lock:
-            dropped, self._dropped = self._dropped, 0
-        if dropped:
-            log.warning("webui.output_dropped", lines=dropped, max_lines_per_s=OUTPUT_LINES_PER_S)
-
-
 # --- the process group -----------------------------------------------------------------------
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass  # nothing left in the group
-    except PermissionError as exc:  # a member changed its user id
-        log.warning("webui.signal_denied", pgid=pgid, signal=sig.name, error=str(exc))
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants.
-
-    A sum of RSS counts shared pages once per process, so it overstates a forking WebUI a little;
-    PSS would be exact but reads every process's smaps, too slow to run between every two jobs.
-    """
-    try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for process in processes:
-        try:
-            total += process.memory_info().rss
-        except psutil.Error:
-            continue  # exited between the listing and the reading
-    return total
-
-
-def _signal_name(exit_code: int | None) -> str | None:
-    if exit_code is None or exit_code >= 0:
-        return None
-    try:
-        return signal.Signals(-exit_code).name
-    except ValueError:
-        return None
 
 
 # --- the supervisor --------------------------------------------------------------------------
@@ -307,7 +146,7 @@ class WebUISupervisor:
             process.crash_loop_restarts,
             process.crash_loop_window_s,
         )
-        self._output = _OutputLog(clock)
+        self._output = OutputLog(clock)
 
         # The child: replaced only under _lock; _generation counts launches so that a restart
         # decided before a wait does not replace a child someone else launched meanwhile.
@@ -558,7 +397,7 @@ class WebUISupervisor:
                 "webui.exited",
                 pid=child.pid,
                 exit_code=exit_code,
-                signal=_signal_name(exit_code),
+                signal=signal_name(exit_code),
                 uptime_s=round(self._clock() - self._launched_at, 3),
             )
         self._restart_after_failure("exited" if child is not None else "launch_failed", generation)
@@ -730,16 +569,16 @@ class WebUISupervisor:
         """
         pgid = child.pid  # start_new_session: the child leads its own group
         # Taken first: a descendant that left the group (setsid) is still the WebUI's.
-        descendants = _descendants(child.pid)
+        members = descendants(child.pid)
         timeout = self._process.stop_timeout_s
         if child.poll() is None:
-            _signal_group(pgid, signal.SIGTERM)
+            signal_group(pgid, signal.SIGTERM)
             try:
                 child.wait(timeout)
             except subprocess.TimeoutExpired:
                 log.warning("webui.stop_timeout", pid=child.pid, timeout_s=timeout)
-        _signal_group(pgid, signal.SIGKILL)
-        for process in descendants:
+        signal_group(pgid, signal.SIGKILL)
+        for process in members:
             with contextlib.suppress(psutil.Error):
                 process.kill()  # psutil checks the pid was not reused
         try:
@@ -747,7 +586,7 @@ class WebUISupervisor:
         except subprocess.TimeoutExpired:
             log.error("webui.unkillable", pid=child.pid, waited_s=KILL_WAIT_S)
             return
-        log.info("webui.terminated", pid=child.pid, exit_code=child.returncode, signal=_signal_name(child.returncode))
+        log.info("webui.terminated", pid=child.pid, exit_code=child.returncode, signal=signal_name(child.returncode))
 
     def _start_pumps(self, child: subprocess.Popen) -> None:
         self._pumps = [thread for thread in self._pumps if thread.is_alive()]

@@ -19,9 +19,10 @@ SIM_ONLY = ("aiohttp", "av", "tomli_w")
 
 def test_the_agent_runs_on_the_core_dependencies_alone():
     # Importing every module `sdagent run` uses loads none of the extras' libraries.
+    extras = (*GATEWAY_ONLY, *SIM_ONLY)
     probe = (
         "import sys, sdagent.cli, sdagent.agent.build, sdagent.backends.simulated, sdagent.backends.a1111, "
-        "sdagent.backends.comfyui; print(','.join(m for m in %r if m in sys.modules))" % ((*GATEWAY_ONLY, *SIM_ONLY),)
+        f"sdagent.backends.comfyui; print(','.join(m for m in {extras!r} if m in sys.modules))"
     )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == ""

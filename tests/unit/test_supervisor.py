@@ -9,17 +9,9 @@ from structlog.testing import capture_logs
 
 from sdagent.backends.base import Health
 from sdagent.webui.config import ProcessConfig
-from sdagent.webui.supervisor import (
-    OUTPUT_BURST_LINES,
-    OUTPUT_LINE_MAX_CHARS,
-    RestartPolicy,
-    TokenBucket,
-    WatchedJob,
-    WebUISupervisor,
-    _OutputLog,
-    clean_output_line,
-    hang_reason,
-)
+from sdagent.webui.output import OUTPUT_BURST_LINES, OUTPUT_LINE_MAX_CHARS, OutputLog, TokenBucket, clean_output_line
+from sdagent.webui.restart import RestartPolicy
+from sdagent.webui.supervisor import WatchedJob, WebUISupervisor, hang_reason
 
 
 class FakeClock:
@@ -104,7 +96,7 @@ def test_output_lines_are_cleaned_as_a_terminal_would_show_them() -> None:
 
 def test_output_flood_is_rate_limited_and_the_dropped_lines_counted() -> None:
     clock = FakeClock()
-    output = _OutputLog(clock)
+    output = OutputLog(clock)
     with capture_logs() as logs:
         for number in range(OUTPUT_BURST_LINES + 50):
             output.emit(f"line {number}", "stdout", 42)
