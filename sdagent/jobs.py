@@ -27,7 +27,7 @@ from pydantic import (
 
 from sdagent.errors import JobRejected
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"

@@ -141,7 +141,7 @@ class Agent:
             ("webui", parts.supervisor.stop if parts.supervisor else None),
             ("hot models", parts.chores.leave),
             ("producer", lambda: self.publisher.flush(PRODUCER_FLUSH_S)),
-            ("terminate hook", (lambda: parts.group.left(by_group)) if parts.group else None),
+            ("terminate hook", (lambda: group.left(by_group)) if (group := parts.group) else None),
             ("metrics", parts.metrics.stop if parts.metrics else None),  # last: sends the partial interval
             ("backend", parts.backend.close),
             ("model cache", parts.model_cache.close if parts.model_cache else None),

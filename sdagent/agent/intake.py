@@ -238,7 +238,10 @@ class Intake:
             TopicPartition(topic, partition, offset) for (topic, partition), offset in self._done_offsets.items()
         ]
         try:
-            self._consumer.commit(offsets=offsets, asynchronous=asynchronous)
+            if asynchronous:  # two calls: the client's stubs type each mode on its own
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+            else:
+                self._consumer.commit(offsets=offsets, asynchronous=False)
             self._done_offsets.clear()
         except Exception as exc:  # retried with the next commit; at worst the job is redelivered
             log.warning("intake.commit_failed", offsets=[tp.offset for tp in offsets], error=str(exc))

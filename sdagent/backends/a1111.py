@@ -278,7 +278,7 @@ class A1111Backend(Backend):
     def _check_sampler(self, sampler: str) -> None:
         if self._samplers is None:
             entries = self._get_list("/samplers")
-            names = frozenset(entry.get("name") for entry in entries if isinstance(entry, dict) and entry.get("name"))
+            names = frozenset(str(entry["name"]) for entry in entries if isinstance(entry, dict) and entry.get("name"))
             self._samplers = (names, self._schedule_labels())
         names, labels = self._samplers
         if sampler in names:
@@ -583,7 +583,8 @@ def _encode(data: bytes, fmt: OutputFormat, infotext: str | None) -> bytes:
         image.save(out, format="PNG", pnginfo=pnginfo)
         return out.getvalue()
     if image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")  # JPEG has no alpha; A1111 drops it the same way
+        # JPEG has no alpha; A1111 drops it the same way. (Pillow types open() as ImageFile.)
+        image = image.convert("RGB")  # type: ignore[assignment]
     exif = Image.Exif()
     if infotext:
         # EXIF UserComment: an 8-byte charset prefix, then the text (piexif's "unicode" = UTF-16BE).

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import structlog
 from PIL import Image, ImageChops, ImageDraw
@@ -201,7 +202,7 @@ class SimulatedBackend(Backend):
 
     def refresh_models(self) -> tuple[str, ...]:
         """The declared models plus the files under ``models_dir``, as a WebUI's rescan finds them."""
-        staged = ()
+        staged: tuple[str, ...] = ()
         if self._models_dir is not None and self._models_dir.is_dir():
             staged = tuple(sorted(p.relative_to(self._models_dir).as_posix()
                                   for p in self._models_dir.rglob("*") if p.is_file()))  # fmt: skip
@@ -470,7 +471,7 @@ def _encode_av(frames: Iterator[Image.Image], width: int, height: int, fps: int,
     return buffer.getvalue()
 
 
-def _import_av():  # type: ignore[no-untyped-def]
+def _import_av() -> Any:
     try:
         import av
     except ImportError as exc:

@@ -177,6 +177,7 @@ class ModelCache:
         with self._manifest_lock:
             if self._manifest is None:
                 self._read_manifest()
+            assert self._manifest is not None  # _read_manifest sets it or raises
             return self._manifest
 
     def refresh_manifest(self) -> ManifestDiff:

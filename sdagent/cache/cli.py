@@ -96,7 +96,9 @@ def _run(args: argparse.Namespace, run: Callable[[argparse.Namespace, CacheConfi
 
 
 def _open(config: CacheConfig) -> ModelCache:
-    return build_model_cache(config, offline=True)
+    cache = build_model_cache(config, offline=True)
+    assert cache is not None  # offline: built without a source
+    return cache
 
 
 def _ls(args: argparse.Namespace, config: CacheConfig) -> int:
@@ -164,7 +166,7 @@ def _index(args: argparse.Namespace, config: CacheConfig) -> int:
     return ExitCode.OK
 
 
-def _size(count: int) -> str:
+def _size(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"

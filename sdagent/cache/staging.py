@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from hashlib import sha256
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote
 
 import structlog
@@ -127,12 +128,12 @@ class HashingWriter:
             kind, payload = item
             try:
                 if kind == "copied":
-                    start, length = payload
+                    start, length = cast(tuple[int, int], payload)
                     chunk = os.pread(self._fd, length, start)  # the page cache: just written
                     if len(chunk) != length:
                         raise OSError(errno.EIO, f"read back {len(chunk)} of {length} bytes")
                 else:
-                    chunk = payload
+                    chunk = cast(bytes, payload)
                 self._hash.update(chunk)
                 if kind != "kept":
                     self._flusher.wrote(len(chunk))

@@ -74,7 +74,9 @@ class _ProblemError(GatewayError):
         self.headers = headers or {}
 
 
-PROBLEMS = {code: {"model": Problem, "content": {PROBLEM: {}}} for code in (401, 404, 413, 422, 429, 503)}
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    code: {"model": Problem, "content": {PROBLEM: {}}} for code in (401, 404, 413, 422, 429, 503)
+}
 
 
 def create_app(parts: GatewayParts) -> FastAPI:

@@ -48,7 +48,8 @@ class GpuMemoryProbe:
                     self._handle = nvml.nvmlDeviceGetHandleByIndex(self._index)
                 return int(nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
             except nvml.NVMLError as exc:
-                return self._failed(exc)
+                self._failed(exc)
+                return None
 
     def close(self) -> None:
         """Release NVML; a later :meth:`used_bytes` initialises it again."""

@@ -134,11 +134,11 @@ def _values(datum: Datum) -> list[float]:
         # min, max and count-2 copies of the rest's mean: same count, sum, minimum and maximum.
         rest = (stats.sum - stats.minimum - stats.maximum) / (count - 2)
         return [stats.minimum, stats.maximum, *([rest] * (count - 2))]
-    counts = datum.counts or (1.0,) * len(datum.values)
+    counts: Sequence[float] = datum.counts or (1.0,) * len(datum.values)
     expanded: list[float] = []
-    for value, count in zip(datum.values, counts):
+    for value, weight in zip(datum.values, counts):
         if math.isfinite(value):
-            expanded.extend([float(value)] * max(1, round(count)))
+            expanded.extend([float(value)] * max(1, round(weight)))
     return expanded
 
 

@@ -80,9 +80,9 @@ class GpuAggregator:
             (names.GPU_ECC_UNCORRECTED, self._ecc),
             (names.GPU_LOST, Counter({index: 1 for index in self._lost})),
         ):
-            for index, count in sorted(counts.items(), key=lambda item: -1 if item[0] is None else item[0]):
-                if index is not None:  # an XID NVML could not place on a GPU counts for the group only
-                    data.append(Datum(name, identity.gpu(index), timestamp, "Count", value=count))
+            for gpu, count in sorted(counts.items(), key=lambda item: -1 if item[0] is None else item[0]):
+                if gpu is not None:  # an XID NVML could not place on a GPU counts for the group only
+                    data.append(Datum(name, identity.gpu(gpu), timestamp, "Count", value=count))
             total = sum(counts.values())
             if total and group is not None:
                 data.append(Datum(name, group, timestamp, "Count", value=total))

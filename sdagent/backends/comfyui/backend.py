@@ -265,7 +265,8 @@ class ComfyUIBackend(Backend):
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 if resize_to is not None and image.size != resize_to:
-                    image = image.convert("RGB").resize(resize_to, Image.Resampling.LANCZOS)
+                    # Pillow types open() as ImageFile, convert() as Image.
+                    image = image.convert("RGB").resize(resize_to, Image.Resampling.LANCZOS)  # type: ignore[assignment]
                     buffer = io.BytesIO()
                     image.save(buffer, format="PNG")
                     data, extension = buffer.getvalue(), "png"

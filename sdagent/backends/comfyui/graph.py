@@ -367,7 +367,7 @@ class GraphPlanner:
                 raise UnsupportedJob(
                     f"workflow: {job_field} has no place: no CLIPTextEncode is linked directly to a sampler's {slot}"
                 )
-            for node in sorted(encoders):
+            for node in sorted(node for node in encoders if node is not None):
                 if written.get(node, text) != text:
                     raise UnsupportedJob(f"workflow: CLIPTextEncode {node} feeds both positive and negative")
                 put(graph, node, "text", text, job_field)
@@ -388,7 +388,7 @@ class GraphPlanner:
                 f"workflow: {', '.join(values)} have no place: no EmptyLatentImage is linked directly to a "
                 "sampler's latent_image"
             )
-        for node in sorted(latents):
+        for node in sorted(node for node in latents if node is not None):
             for name, value in values.items():
                 put(graph, node, name, value, name)
 

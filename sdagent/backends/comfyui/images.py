@@ -56,7 +56,8 @@ def convert(data: bytes, filename: str, fmt: OutputFormat) -> tuple[bytes, str]:
                 raise UnsupportedJob(f"the graph saved {filename}, which cannot be made into {fmt.value}")
             image.load()
             if fmt is not OutputFormat.PNG and image.mode not in ("RGB", "L"):
-                image = image.convert("RGB")  # JPEG has no alpha
+                # JPEG has no alpha. (Pillow types open() as ImageFile.)
+                image = image.convert("RGB")  # type: ignore[assignment]
             buffer = io.BytesIO()
             quality = {OutputFormat.JPEG: {"quality": JPEG_QUALITY}, OutputFormat.WEBP: {"quality": WEBP_QUALITY}}
             image.save(buffer, format=STILL_FORMATS[fmt], **quality.get(fmt, {}))
