@@ -5,7 +5,7 @@ the simulated backend, with a model switch that costs ``--switch-s`` against a g
 ``--steps`` x ``--step-s``): jobs over ``--models`` models with Zipf(``--zipf``) popularity are
 offered at a fixed rate, the same sequence in both runs. Off: jobs keyed by job id (spread
 evenly); on: keyed by model over ``--lanes`` lanes, and each agent prefers held jobs for its
-loaded model (sdagent/affinity.py). A switch is a job whose answer reports ``switch_ms`` (the
+loaded model (sdagent/agent/affinity.py). A switch is a job whose answer reports ``switch_ms`` (the
 first load on each agent counts too); the wait is the answer's ``queue_wait_ms`` (produce ->
 start on the agent).
 
