@@ -83,15 +83,15 @@ class Client:
             update={
                 "reply_to": self._topics.replies,
                 "reply_partition": replies.partition,
-                "correlation_id": uuid.uuid4().hex,
+                "correlation_id": (correlation_id := uuid.uuid4().hex),
             }
         )
-        inbox = replies.expect(job.correlation_id)
+        inbox = replies.expect(correlation_id)
         try:
             self.submit(job)
             return _await_terminal(inbox, timeout_s, on_event, job.job_id)
         finally:
-            replies.forget(job.correlation_id)
+            replies.forget(correlation_id)
 
     def cancel(self, job_id: str) -> None:
         """Ask every agent to cancel ``job_id``: queued, it is answered ``cancelled`` without

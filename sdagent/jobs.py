@@ -350,5 +350,8 @@ class StatusEvent(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> StatusEvent:
+    def from_bytes(cls, raw: bytes | None) -> StatusEvent:
+        """The event in a record's value; ValueError for a tombstone (no value) or anything else."""
+        if raw is None:
+            raise ValueError("a record without a value is not a status event")
         return cls.model_validate_json(raw)

@@ -25,7 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 from sdagent.agent.affinity import pick_next
 from sdagent.agent.controls import Controls
 from sdagent.agent.runner import JobControl, JobRunner, Outcome
-from sdagent.kafka.records import Delivery, model_of
+from sdagent.kafka.records import Delivery, model_of, position
 
 log = structlog.get_logger(__name__)
 
@@ -174,11 +174,12 @@ class Intake:
         if key not in self._assigned:
             return  # from a partition revoked during this poll: its next owner reads it
         timestamp_type, timestamp_ms = message.timestamp()
+        topic, partition, offset = position(message)
         self._held.append(
             Delivery(
-                topic=message.topic(),
-                partition=message.partition(),
-                offset=message.offset(),
+                topic=topic,
+                partition=partition,
+                offset=offset,
                 value=message.value(),
                 timestamp_ms=timestamp_ms if timestamp_type else None,
                 possibly_redelivered=key in self._fresh,
@@ -186,7 +187,7 @@ class Intake:
             )
         )
         self._fresh.discard(key)
-        self._next_offsets[key] = message.offset() + 1
+        self._next_offsets[key] = offset + 1
 
     def _start_next(self) -> None:
         if self._inflight is not None or not self._held or self._controls.held or self._clock() < self._retry_at:

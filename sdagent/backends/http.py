@@ -26,7 +26,7 @@ def send(
     ``what`` names the call in error messages (``"POST /sdapi/v1/txt2img"``). ``timeout`` of None
     keeps the client's own; pass an :class:`httpx.Timeout` with ``read=None`` to wait without limit.
     """
-    extra = {} if timeout is None else {"timeout": timeout}
+    extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     try:
         return client.request(method, url, **extra, **kwargs)
     except httpx.TimeoutException as exc:

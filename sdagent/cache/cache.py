@@ -186,6 +186,7 @@ class ModelCache:
             old = self._manifest
             self._read_manifest()
             new = self._manifest
+        assert new is not None  # _read_manifest sets it or raises
         return old.diff(new) if old is not None else ManifestDiff(added=tuple(new.names()))
 
     @property
@@ -403,12 +404,12 @@ class ModelCache:
     def _stage_once(self, entry: ModelEntry) -> CachedModel:
         # One download per model in this process: later callers wait for the first one's future.
         with self._inflight_lock:
-            future = self._inflight.get(entry.name)
-            owner = future is None
-            if owner:
-                future = self._inflight[entry.name] = Future()
-        if not owner:
-            return future.result()
+            waiting = self._inflight.get(entry.name)
+            if waiting is None:
+                future: Future[CachedModel] = Future()
+                self._inflight[entry.name] = future
+        if waiting is not None:
+            return waiting.result()
         try:
             cached = self._stage_locked(entry)
             future.set_result(cached)

@@ -214,6 +214,8 @@ class AemmServer:
 
     @property
     def _log_path(self) -> Path:
+        if self._workdir is None:
+            raise AemmStartError("AEMM has no work directory: not started")
         return self._workdir / "aemm.log"
 
     def _wait_until_ready(self) -> None:

@@ -81,7 +81,7 @@ class FakeImds:
         if self._server is None:
             raise RuntimeError("FakeImds has not been started")
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def start(self) -> FakeImds:
         if self._server is not None:
@@ -100,7 +100,8 @@ class FakeImds:
             return
         self._server.shutdown()
         self._server.server_close()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self._server = self._thread = None
 
     def __enter__(self) -> FakeImds:
@@ -191,11 +192,12 @@ class FakeImds:
             return self._routes.next_reply(path) or Reply(404, "Not Found\n")
 
     def _token_valid(self, token: str | None) -> bool:
-        expiry = self._tokens.get(token or "")
+        key = token or ""
+        expiry = self._tokens.get(key)
         if expiry is None:
             return False
         if self._clock() >= expiry:
-            del self._tokens[token]
+            del self._tokens[key]
             return False
         return True
 

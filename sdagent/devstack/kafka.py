@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import IO
 
 import structlog
 
@@ -258,7 +259,7 @@ class KafkaBroker:
         self._port: int | None = None
         self._controller_port: int | None = None
         self._process: subprocess.Popen | None = None
-        self._log_file = None
+        self._log_file: IO[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -348,12 +349,24 @@ class KafkaBroker:
             raise
 
     @property
+    def _dir(self) -> Path:
+        if self._data_dir is None:
+            raise KafkaStartError("the broker's storage is not prepared")
+        return self._data_dir
+
+    @property
+    def _archive(self) -> ClassArchive:
+        if self._class_archive is None:
+            raise KafkaStartError("the broker's class archive is not set up")
+        return self._class_archive
+
+    @property
     def _config_path(self) -> Path:
-        return self._data_dir / "server.properties"
+        return self._dir / "server.properties"
 
     @property
     def _log_path(self) -> Path:
-        return self._data_dir / "broker.log"
+        return self._dir / "broker.log"
 
     def _server_properties(self) -> str:
         plaintext = f"127.0.0.1:{self._port}"
@@ -367,14 +380,14 @@ class KafkaBroker:
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            "log.dirs": str(self._data_dir / "logs"),
+            "log.dirs": str(self._dir / "logs"),
             **TEST_BROKER_SETTINGS,
         }
         return "".join(f"{key}={value}\n" for key, value in settings.items())
 
     def _format_storage(self) -> None:
         command = [
-            *self._java_command("kafka.tools.StorageTool", self._class_archive.use_options()),
+            *self._java_command("kafka.tools.StorageTool", self._archive.use_options()),
             "format", "--standalone",
             "--cluster-id", random_cluster_id(),
             "--config", str(self._config_path),
@@ -389,7 +402,7 @@ class KafkaBroker:
     # -- process -----------------------------------------------------------------------------
 
     def _launch(self) -> None:
-        archive = self._class_archive
+        archive = self._archive
         archive_options = archive.use_options() or archive.record_options()
         self._log_file = open(self._log_path, "ab")  # noqa: SIM115 - open for the broker's life, closed once it exited
         self._process = subprocess.Popen(
@@ -443,7 +456,7 @@ class KafkaBroker:
         return "\n".join(lines[-LOG_TAIL_LINES:])
 
     def _forget_process(self, clean_exit: bool) -> None:
-        self._class_archive.finish_recording(clean_exit)
+        self._archive.finish_recording(clean_exit)
         self._process = None
         if self._log_file is not None:
             self._log_file.close()

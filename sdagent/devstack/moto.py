@@ -100,7 +100,7 @@ class MotoServer:
             self._fail(failure)
 
     def _fail(self, reason: str) -> None:
-        output = self._log_path.read_text(errors="replace")[-4000:]
+        output = self._log_path.read_text(errors="replace")[-4000:] if self._log_path else "(no log)"
         self.stop()
         raise MotoStartError(f"{reason}; its output:\n{output}")
 

@@ -32,7 +32,7 @@ def stop_group(process: subprocess.Popen, timeout_s: float) -> bool:
 
 
 def wait_until_answering(
-    process: subprocess.Popen,
+    process: subprocess.Popen | None,
     answers: Callable[[], bool],
     *,
     name: str,
@@ -41,6 +41,8 @@ def wait_until_answering(
     interval_s: float = 0.1,
 ) -> str | None:
     """Poll ``answers`` until it says yes; None then, else why the server is not up."""
+    if process is None:
+        return f"{name} was not started"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

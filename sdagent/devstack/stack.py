@@ -19,6 +19,7 @@ import structlog
 import tomli_w
 from confluent_kafka.admin import AdminClient
 
+from sdagent.backends.config import SimulatedBackendConfig
 from sdagent.config import Settings, load_settings
 from sdagent.devstack.kafka import die_with_parent
 from sdagent.errors import ExitCode
@@ -157,10 +158,12 @@ def run_demo(jobs: int = 5) -> int:
         )
         settings = settings_from(config)
         ensure_topics(settings)
+        backend = settings.backend
+        step_latency_ms = backend.step_latency_s * 1000 if isinstance(backend, SimulatedBackendConfig) else 0.0
         agent = AgentThread(settings).start()
         print(
             f"kafka {broker.bootstrap}, s3 {moto.endpoint}, agent {settings.agent.instance_id} "
-            f"(SIMULATED backend, {settings.backend.step_latency_s * 1000:.0f} ms/step)",
+            f"(SIMULATED backend, {step_latency_ms:.0f} ms/step)",
             flush=True,
         )
         failures = 0

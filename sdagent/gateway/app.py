@@ -79,7 +79,8 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(parts: GatewayParts) -> FastAPI:
+def create_app(parts: GatewayParts | None = None) -> FastAPI:
+    """The app; ``parts`` may come later (the server's lifespan sets ``app.state.parts`` once Kafka is up)."""
     app = FastAPI(
         title="sdagent gateway",
         version="1",
@@ -88,7 +89,8 @@ def create_app(parts: GatewayParts) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.parts = parts
+    if parts is not None:
+        app.state.parts = parts
 
     @app.exception_handler(_ProblemError)
     async def problem_response(_request: Request, error: _ProblemError) -> JSONResponse:

@@ -8,6 +8,7 @@ producer is flushed and the reader closed.
 
 from __future__ import annotations
 
+import math
 import socket
 from contextlib import asynccontextmanager
 
@@ -56,7 +57,7 @@ def build_app(settings: Settings, gateway_id: str | None = None) -> FastAPI:
             view.stop()
             log.info("gateway.stopped")
 
-    app = create_app(GatewayParts(config, settings.limits, None, None, gatekeeper))  # parts replaced at start
+    app = create_app()  # the lifespan gives it its parts once Kafka is connected
     app.router.lifespan_context = lifespan
     return app
 
@@ -65,4 +66,4 @@ def serve(settings: Settings) -> None:
     app = build_app(settings)
     freeze_startup_heap()  # a full GC pass then skips the imports and the app: no request waits on it
     uvicorn.run(app, host=settings.gateway.host, port=settings.gateway.port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=settings.gateway.max_wait_s + 5)  # fmt: skip
+                access_log=False, timeout_graceful_shutdown=math.ceil(settings.gateway.max_wait_s + 5))  # fmt: skip

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Status, StatusEvent
 from sdagent.kafka.clients import with_metadata_retries
-from sdagent.kafka.records import STATUS_HEADER
+from sdagent.kafka.records import STATUS_HEADER, position
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +140,8 @@ class StatusView:
             try:
                 message = self._consumer.poll(POLL_S)
                 if message is not None and message.error() is None:
-                    self._positions[message.partition()] = message.offset() + 1
+                    _topic, partition, offset = position(message)
+                    self._positions[partition] = offset + 1
                     self._take(message.key(), message.value(), message.headers(), message.timestamp()[1])
                 if not self.caught_up.is_set() and all(
                     self._positions.get(p, 0) >= t for p, t in self._targets.items()

@@ -27,7 +27,6 @@ import httpx
 import structlog
 import tenacity
 from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
-from pydantic import ValidationError
 
 from sdagent.errors import WebhookError
 from sdagent.gateway.config import WebhookConfig, secret_bytes
@@ -35,6 +34,7 @@ from sdagent.jobs import StatusEvent
 from sdagent.kafka.clients import webhooks_consumer_config
 from sdagent.kafka.config import KafkaConfig
 from sdagent.kafka.ledger import terminal_status
+from sdagent.kafka.records import position
 
 log = structlog.get_logger(__name__)
 
@@ -123,9 +123,8 @@ class WebhookDispatcher:
                 self._wait_for_room()
                 message = self._consumer.poll(POLL_S)
                 if message is not None and message.error() is None:
-                    self._pending.setdefault(message.partition(), deque()).append(
-                        (message.offset(), self._dispatch(message))
-                    )
+                    _topic, partition, offset = position(message)
+                    self._pending.setdefault(partition, deque()).append((offset, self._dispatch(message)))
                 self._store_finished()
             except KafkaException as exc:  # the broker is away: librdkafka reconnects
                 log.warning("webhooks.kafka_error", error=str(exc))
@@ -146,7 +145,7 @@ class WebhookDispatcher:
             return None  # only final answers are sent
         try:
             event = StatusEvent.from_bytes(message.value())
-        except ValidationError:
+        except ValueError:  # not JSON, not an event (pydantic's ValidationError is one), a tombstone
             log.warning("webhooks.bad_record", offset=message.offset())
             return None
         if event.webhook is None:
@@ -182,6 +181,8 @@ class WebhookDispatcher:
 
     def deliver(self, event: StatusEvent) -> bool:
         """POST ``event`` to its webhook, retried; True when the receiver took it."""
+        if event.webhook is None:  # _dispatch sends only the events that name one
+            return True
         url = event.webhook.url
         try:
             check_target(url, self._config.allow_private_targets)

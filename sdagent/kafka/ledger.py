@@ -21,7 +21,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import TERMINAL_STATUSES, Status
 from sdagent.kafka.clients import with_metadata_retries
-from sdagent.kafka.records import STATUS_HEADER
+from sdagent.kafka.records import STATUS_HEADER, position
 
 log = structlog.get_logger(__name__)
 
@@ -153,7 +153,8 @@ class JobLedger:
                 message = self._consumer.poll(POLL_S)
                 if message is not None and message.error() is None:
                     self._take(message)
-                    self._positions[(message.topic(), message.partition())] = message.offset() + 1
+                    topic, partition, offset = position(message)
+                    self._positions[(topic, partition)] = offset + 1
                 self._check_caught_up()
             except Exception:  # keep reading: a bad record must not blind the agent
                 log.exception("ledger.read_failed")

@@ -27,6 +27,7 @@ from sdagent.kafka.records import (
     SOURCE_PARTITION_HEADER,
     SOURCE_TOPIC_HEADER,
     STATUS_HEADER,
+    Headers,
     ReplyAddress,
     SourceRecord,
     job_headers,
@@ -70,7 +71,7 @@ class StatusPublisher:
         self, raw: bytes | None, source: SourceRecord, reason: str, message: str, job_id: str | None = None
     ) -> None:
         """Durably copy a message that could not be run to the dead-letter topic, with why."""
-        headers = [
+        headers: Headers = [
             (REASON_HEADER, reason.encode()),
             (ERROR_HEADER, message.encode()[:ERROR_HEADER_MAX_BYTES]),
             (SOURCE_TOPIC_HEADER, source.topic.encode()),
@@ -109,11 +110,11 @@ class StatusPublisher:
         """Send what is queued; returns how many records are still undelivered."""
         return self._producer.flush(timeout_s)
 
-    def _record(self, event: StatusEvent) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    def _record(self, event: StatusEvent) -> tuple[bytes, bytes, Headers]:
         """Key, value and headers of an event; the status header lets readers skip parsing."""
         if event.agent is None:
             event.agent = self._agent_id
-        headers = [(STATUS_HEADER, event.status.value.encode())]
+        headers: Headers = [(STATUS_HEADER, event.status.value.encode())]
         if event.correlation_id:
             headers.append((CORRELATION_HEADER, event.correlation_id.encode()))
         return event.job_id.encode(), event.to_bytes(), headers

@@ -10,14 +10,18 @@ from __future__ import annotations
 import time
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+from confluent_kafka import Message
+
 from sdagent.jobs import Job
 
-Headers = list[tuple[str, bytes]]
+Headers = list[tuple[str, str | bytes | None]]
+# What confluent-kafka's Message.headers() may return: a list of pairs (librdkafka's order) or None.
+HeadersLike = Sequence[tuple[str, str | bytes | None]] | Mapping[str, str | bytes | None] | None
 
 STATUS_HEADER = "sdagent-status"  # a status event's status: readers skip parsing what they ignore
 CORRELATION_HEADER = "correlation_id"  # echoed on replies so a sync caller matches its answer
@@ -38,8 +42,11 @@ ERROR_HEADER_MAX_BYTES = 4096
 class KeyLayout(Protocol):
     """How jobs are keyed on the jobs topic (``TopicsConfig`` has these fields)."""
 
-    jobs_key: str
-    model_lanes: int
+    @property
+    def jobs_key(self) -> str: ...
+
+    @property
+    def model_lanes(self) -> int: ...
 
 
 def job_key(job: Job, layout: KeyLayout) -> bytes:
@@ -61,15 +68,25 @@ def job_headers(job: Job) -> Headers:
     return [(MODEL_HEADER, job.model.encode())]
 
 
-def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> str | None:
+def header(headers: HeadersLike, name: str) -> str | None:
     """The first value of header ``name``, decoded; None when absent."""
-    for key, value in headers or ():
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    for key, value in pairs:
         if key == name and value is not None:
-            return value.decode(errors="replace")
+            return value if isinstance(value, str) else value.decode(errors="replace")
     return None
 
 
-def model_of(headers: Sequence[tuple[str, bytes | None]] | None) -> str | None:
+def position(message: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a record the broker delivered. librdkafka leaves them unset
+    only on error events, which every reader skips before it asks."""
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError(f"not a delivered record: {message.error()}")
+    return topic, partition, offset
+
+
+def model_of(headers: HeadersLike) -> str | None:
     """The model a jobs-topic record says it needs, from its header; None if it has none."""
     return header(headers, MODEL_HEADER)
 

@@ -62,6 +62,8 @@ def build_metrics(
     if config.queue_backlog and kafka_admin is not None and jobs_topic and consumer_group:
         lag = LagReporter(kafka_admin, jobs_topic, consumer_group, timeout_s=config.lag_timeout_s)
     gpus = GpuSampler(nvml, on_lost=on_gpu_lost) if config.gpu else None
+    # Both set by MetricsConfig's validator when left out.
+    assert config.publish_interval_s is not None and config.sample_interval_s is not None
     return MetricsPublisher(
         build_sink(config, region, cloudwatch),
         identity,

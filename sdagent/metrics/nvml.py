@@ -106,7 +106,7 @@ class _Gpu:
     unsupported: set[str] = field(default_factory=set)
     memory_v1: bool = False
     ecc_seen: int = 0
-    failing: set[tuple[str, int]] = field(default_factory=set)
+    failing: set[tuple[str, int | None]] = field(default_factory=set)  # (signal, NVML error code)
     throttle: frozenset[str] = frozenset()
 
 
@@ -116,7 +116,7 @@ class GpuSampler:
     def __init__(
         self, nvml: ModuleType | Any | None = None, *, on_lost: Callable[[int, str], None] | None = None
     ) -> None:
-        self._nvml = nvml
+        self._nvml: Any = nvml  # pynvml or a fake: no stubs, and None until start() loads it
         self._on_lost = on_lost
         self._gpus: list[_Gpu] = []
         self._events: Any = None

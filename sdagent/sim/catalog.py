@@ -92,6 +92,11 @@ class Catalog:
         self._declared = {name: Checkpoint(name, size, str(base / name)) for name, size in self.declared.items()}
         self.refresh()
 
+    def _models_dir(self) -> Path:
+        if self.models_dir is None:  # _scan finds nothing without one
+            raise ValueError("the catalog has no models directory")
+        return self.models_dir
+
     def refresh(self) -> None:
         """Rescan the models dir, as A1111's ``refresh-checkpoints`` does."""
         self._dir_mtime = self._mtime()
@@ -103,8 +108,8 @@ class Catalog:
             found[name] = known or Checkpoint(
                 name,
                 self.default_size_mb,
-                str(self.models_dir / name),
-                hashed=False,  # type: ignore[operator]
+                str(self._models_dir() / name),
+                hashed=False,
             )
         self._scanned = found
 

@@ -146,7 +146,7 @@ class Node:
         """IS_CHANGED: part of the cache key, for nodes whose output depends on more than inputs."""
         return ""
 
-    async def run(self, ctx: RunContext, **inputs: Any) -> NodeResult:
+    async def run(self, ctx: RunContext, *args: Any, **inputs: Any) -> NodeResult:
         raise NotImplementedError
 
     def info(self, catalog: Catalog, dirs: Dirs) -> dict[str, Any]:
@@ -388,7 +388,7 @@ class SaveImage(Node):
         results = []
         for offset, picture in enumerate(images):
             filename = f"{base}_{counter + offset:05}_.png"
-            await asyncio.to_thread(lambda p=picture, f=filename: (folder / f).write_bytes(p.png()))
+            await asyncio.to_thread(_write_png, folder / filename, picture)  # drawn off the event loop
             results.append({"filename": filename, "subfolder": subfolder, "type": "output"})
         return NodeResult((), {"images": results})
 
@@ -505,3 +505,7 @@ def _input_file(dirs: Dirs, name: str) -> Path | None:
     if os.path.commonpath((folder.resolve(), path)) != str(folder.resolve()) or not path.is_file():
         return None
     return path
+
+
+def _write_png(path: Path, picture: Picture) -> None:
+    path.write_bytes(picture.png())

@@ -29,8 +29,11 @@ from sdagent.jobs import OutputFormat
 
 
 class Picture(Protocol):
-    width: int
-    height: int
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
 
     def image(self) -> Image.Image: ...
 

@@ -521,7 +521,7 @@ class WebUISupervisor:
             log.error("webui.launch_failed", reason=reason, error=str(exc))
             return
         self.restarts += 1
-        log.info("webui.restarted", reason=reason, pid=self._child.pid, restarts=self.restarts)
+        log.info("webui.restarted", reason=reason, pid=self.pid, restarts=self.restarts)
 
     def _launch(self) -> None:
         """Start the WebUI in a new session, its own process group (caller holds _lock)."""

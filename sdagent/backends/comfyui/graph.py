@@ -153,6 +153,11 @@ def linked(graph: dict[str, Any], node: str, input_name: str) -> str | None:
     return None
 
 
+def linked_nodes(graph: dict[str, Any], nodes: Iterable[str], input_name: str) -> set[str]:
+    """The nodes linked directly to ``input_name`` of any of ``nodes``."""
+    return {source for node in nodes if (source := linked(graph, node, input_name)) is not None}
+
+
 def put(graph: dict[str, Any], node: str, input_name: str, value: Any, job_field: str) -> None:
     if isinstance(graph[node]["inputs"].get(input_name), list):
         raise UnsupportedJob(
@@ -345,8 +350,9 @@ class GraphPlanner:
         if "sampler" in given and job.sampler is not None:
             values["sampler"], scheduler = self._sampler(job.sampler)
         for job_field, value in values.items():
-            targets = [(node, SAMPLER_INPUTS[graph[node]["class_type"]].get(job_field)) for node in samplers]
-            targets = [(node, name) for node, name in targets if name is not None]
+            targets = [
+                (node, name) for node in samplers if (name := SAMPLER_INPUTS[graph[node]["class_type"]].get(job_field))
+            ]
             if not targets:
                 raise UnsupportedJob(f"workflow: {job_field} has no place: no {' or '.join(SAMPLER_INPUTS)} takes it")
             for node, input_name in targets:
@@ -361,13 +367,16 @@ class GraphPlanner:
         for job_field, (slot, text) in wanted.items():
             if job_field not in given:
                 continue
-            encoders = {linked(graph, node, slot) for node in samplers} - {None}
-            encoders = {node for node in encoders if graph[node].get("class_type") == "CLIPTextEncode"}
+            encoders = {
+                node
+                for node in linked_nodes(graph, samplers, slot)
+                if graph[node].get("class_type") == "CLIPTextEncode"
+            }
             if not encoders:
                 raise UnsupportedJob(
                     f"workflow: {job_field} has no place: no CLIPTextEncode is linked directly to a sampler's {slot}"
                 )
-            for node in sorted(node for node in encoders if node is not None):
+            for node in sorted(encoders):
                 if written.get(node, text) != text:
                     raise UnsupportedJob(f"workflow: CLIPTextEncode {node} feeds both positive and negative")
                 put(graph, node, "text", text, job_field)
@@ -381,14 +390,17 @@ class GraphPlanner:
             values["batch_size"] = job.video.frames
         if not values:
             return
-        latents = {linked(graph, node, "latent_image") for node in samplers} - {None}
-        latents = {node for node in latents if graph[node].get("class_type") == "EmptyLatentImage"}
+        latents = {
+            node
+            for node in linked_nodes(graph, samplers, "latent_image")
+            if graph[node].get("class_type") == "EmptyLatentImage"
+        }
         if not latents:
             raise UnsupportedJob(
                 f"workflow: {', '.join(values)} have no place: no EmptyLatentImage is linked directly to a "
                 "sampler's latent_image"
             )
-        for node in sorted(node for node in latents if node is not None):
+        for node in sorted(latents):
             for name, value in values.items():
                 put(graph, node, name, value, name)
 
