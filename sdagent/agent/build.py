@@ -39,6 +39,7 @@ from sdagent.errors import ConfigError
 from sdagent.kafka.clients import jobs_consumer_config, ledger_reader_config, producer_config, reader_config
 from sdagent.kafka.ledger import JobLedger
 from sdagent.kafka.publisher import StatusPublisher
+from sdagent.kafka.replies import ReplyPolicy, partitions_from
 from sdagent.lifecycle.autoscaling import GroupMembership, LifecycleActions
 from sdagent.lifecycle.config import LifecycleConfig
 from sdagent.lifecycle.imds import ImdsClient, ImdsError, InstanceIdentity, endpoint_from_environment, instance_identity
@@ -101,6 +102,7 @@ def build_agent(
         limits=settings.limits, retry=settings.retry, catch_up_timeout_s=settings.idempotency.catch_up_timeout_s,
         progress_interval_s=settings.agent.progress_interval_s, watch=supervisor,
         backend_ready_wait_s=settings.backend.ready_timeout_s, recorder=metrics.jobs, models=cached,
+        replies=ReplyPolicy(settings.topics, partitions_from(producer)),
     )  # fmt: skip
     intake = Intake(
         consumer_factory(jobs_consumer_config(settings.kafka, instance_id)),
@@ -109,6 +111,8 @@ def build_agent(
         backend.interrupt,
         controls,
         read_ahead=settings.agent.read_ahead,
+        record_attempts=settings.agent.record_attempts,
+        record_retry_backoff_s=settings.agent.record_retry_backoff_s,
         on_assignment=_follow_assignment(metrics, settings.topics.jobs),
         loaded_model=lambda: runner.current_model,
     )

@@ -46,3 +46,8 @@ class AgentConfig(BaseModel):
     # A job in flight at drain is let finish only if its estimate leaves this much before the
     # deadline (upload, answer, commit, leaving the group); otherwise it is released.
     drain_margin_s: float = Field(15.0, ge=0)
+    # A record whose path raises what the runner does not expect (a bug, a record shape nobody
+    # foresaw) is tried this many times, its partition held back between tries with a backoff that
+    # doubles from record_retry_backoff_s (other partitions go on), then dead-lettered and committed.
+    record_attempts: int = Field(3, ge=1, le=20)
+    record_retry_backoff_s: float = Field(1.0, gt=0, le=60)

@@ -25,6 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 from sdagent.agent.affinity import pick_next
 from sdagent.agent.controls import Controls
 from sdagent.agent.runner import JobControl, JobRunner, Outcome
+from sdagent.errors import KafkaUnavailable
 from sdagent.kafka.records import Delivery, model_of, position
 
 log = structlog.get_logger(__name__)
@@ -38,6 +39,7 @@ READ_AHEAD_BYTES = 8 * 1024 * 1024
 # How often the oldest held job may be passed over for one on the loaded model: bounds its wait
 # at this many jobs' run time (no switch among them), so affinity never starves a job.
 MAX_PASSED_OVER = 4
+MAX_REMEMBERED_CRASHES = 1024
 
 PartitionKey = tuple[str, int]
 
@@ -61,6 +63,8 @@ class Intake:
         controls: Controls,
         *,
         read_ahead: int = 256,
+        record_attempts: int = 3,
+        record_retry_backoff_s: float = 1.0,
         on_assignment: Callable[[frozenset[PartitionKey]], None] | None = None,
         loaded_model: Callable[[], str | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
@@ -71,6 +75,12 @@ class Intake:
         self._interrupt_backend = interrupt_backend
         self._controls = controls
         self._read_ahead = read_ahead
+        self._record_attempts = record_attempts
+        self._record_retry_backoff_s = record_retry_backoff_s
+        # Records whose path raised, by record id: how often (bounded: the oldest are forgotten).
+        self._crashes: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # Partitions held back until a time, while their head record waits for its next try.
+        self._blocked: dict[PartitionKey, float] = {}
         self._on_assignment = on_assignment or (lambda _assigned: None)
         self._loaded_model = loaded_model
         self._oldest_passed_over = 0  # times the job at the head of _held was passed over
@@ -193,12 +203,16 @@ class Intake:
         if self._inflight is not None or not self._held or self._controls.held or self._clock() < self._retry_at:
             return
         delivery = self._next_held()
+        if delivery is None:
+            return  # every held record waits behind a partition held back
         control = JobControl(None, self._interrupt_backend)
         with self._lock:
             self._inflight = _InFlight(delivery, control, self._executor.submit(self._runner.run, delivery, control))
         self._reconcile_pause()
 
-    def _next_held(self) -> Delivery:
+    def _next_held(self) -> Delivery | None:
+        if self._blocked:
+            return self._next_unblocked()
         index = pick_next(self._held, self._loaded_model(), self._oldest_passed_over, MAX_PASSED_OVER)
         if index == 0:
             self._oldest_passed_over = 0
@@ -208,6 +222,16 @@ class Intake:
         del self._held[index]
         return delivery
 
+    def _next_unblocked(self) -> Delivery | None:
+        """The oldest held record of a partition not held back; in order within each partition."""
+        now = self._clock()
+        self._blocked = {key: until for key, until in self._blocked.items() if until > now}
+        for index, delivery in enumerate(self._held):
+            if (delivery.topic, delivery.partition) not in self._blocked:
+                del self._held[index]
+                return delivery
+        return None
+
     def _finish_if_done(self) -> None:
         inflight = self._inflight
         if inflight is None or not inflight.future.done():
@@ -215,18 +239,41 @@ class Intake:
         with self._lock:
             self._inflight = None
         delivery = inflight.delivery
+        key = (delivery.topic, delivery.partition)
         try:
             outcome = inflight.future.result()
-        except Exception:  # the runner answers every job; this is a bug, keep the job for a retry
-            log.exception("intake.runner_crashed", offset=delivery.offset)
-            outcome = Outcome.RETRY_LATER
-        key = (delivery.topic, delivery.partition)
+        except Exception as exc:  # whatever the record's path raised: bounded tries, then a dead letter
+            outcome = self._after_crash(delivery, exc)
+        if outcome in (Outcome.COMMIT, Outcome.RELEASED):
+            self._crashes.pop(delivery.record_id, None)
         if outcome is Outcome.COMMIT and key in self._assigned:
             self._commit(delivery)
         elif outcome is Outcome.RETRY_LATER and key in self._assigned:
             self._held.appendleft(delivery)
             self._retry_at = self._clock() + RETRY_LATER_BACKOFF_S
         self._reconcile_pause()
+
+    def _after_crash(self, delivery: Delivery, error: Exception) -> Outcome | None:
+        """Try the record again later on its own partition (the others go on), or give it up once
+        it raised ``record_attempts`` times. None: it waits, held, for its next try."""
+        attempts = self._crashes.pop(delivery.record_id, 0) + 1
+        if attempts >= self._record_attempts:
+            try:
+                return self._runner.poison(delivery, error, attempts)
+            except KafkaUnavailable as exc:  # not even the dead letter is durable: the broker is away
+                log.warning("intake.poison_not_durable", offset=delivery.offset, error=str(exc))
+                self._crashes[delivery.record_id] = attempts - 1  # give up with the next try
+                return Outcome.RETRY_LATER
+        log.error("intake.record_raised", offset=delivery.offset, partition=delivery.partition, attempt=attempts,
+                  of=self._record_attempts, error=f"{type(error).__name__}: {error}", exc_info=error)  # fmt: skip
+        self._crashes[delivery.record_id] = attempts
+        while len(self._crashes) > MAX_REMEMBERED_CRASHES:
+            self._crashes.popitem(last=False)
+        key = (delivery.topic, delivery.partition)
+        if key in self._assigned:
+            self._held.appendleft(delivery)
+            self._blocked[key] = self._clock() + self._record_retry_backoff_s * 2 ** (attempts - 1)
+        return None
 
     def _commit(self, delivery: Delivery) -> None:
         self._done_offsets[(delivery.topic, delivery.partition)] = delivery.offset + 1

@@ -25,10 +25,11 @@ from sdagent.agent.config import RetryConfig
 from sdagent.backends.base import Backend, Generation
 from sdagent.cache.serving import CachedModels, UncachedModels
 from sdagent.errors import TRANSIENT_ERRORS, BackendUnavailable, JobAborted, JobFailed, JobRejected, KafkaUnavailable
-from sdagent.jobs import Job, Limits, Progress, Status, StatusEvent, parse_job
+from sdagent.jobs import Job, Limits, Progress, Status, StatusEvent, parse_job, peek_caller
 from sdagent.kafka.ledger import JobLedger
 from sdagent.kafka.publisher import StatusPublisher
 from sdagent.kafka.records import Delivery, ReplyAddress
+from sdagent.kafka.replies import ReplyPolicy
 from sdagent.metrics.jobs import JobMetrics
 from sdagent.storage.inputs import InputResolver
 from sdagent.storage.outputs import OutputStore
@@ -36,6 +37,7 @@ from sdagent.storage.outputs import OutputStore
 log = structlog.get_logger(__name__)
 
 READY_POLL_S = 0.5  # how often a job waiting for its WebUI checks whether it was taken back
+POISON_REASON = "poison_record"  # the agent itself kept raising on the record
 
 
 class JobWatch(Protocol):
@@ -136,6 +138,7 @@ class JobRunner:
         backend_ready_wait_s: float = 300.0,
         recorder: JobMetrics | None = None,
         models: CachedModels | UncachedModels | None = None,
+        replies: ReplyPolicy | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._backend = backend
@@ -151,6 +154,7 @@ class JobRunner:
         self._backend_ready_wait_s = backend_ready_wait_s
         self._recorder = recorder or JobMetrics(enabled=False)
         self._models = models or UncachedModels()
+        self._replies = replies
         self._clock = clock
         # The model the last job ran on, as jobs name it: the intake prefers held jobs for it.
         self.current_model: str | None = None
@@ -168,8 +172,46 @@ class JobRunner:
             log.warning("job.answer_not_durable", job_id=control.job_id, offset=delivery.offset, error=str(exc))
             return Outcome.RETRY_LATER
 
+    def poison(self, delivery: Delivery, error: BaseException, attempts: int) -> Outcome:
+        """Give up a record whose path raised ``attempts`` times: dead-letter it with the reason,
+        the exception and its source offset, tell the caller where one can be told, commit it.
+        Raises KafkaUnavailable only when the dead letter itself cannot be made durable."""
+        message = f"the agent raised {type(error).__name__} on each of {attempts} attempts: {error}"
+        caller = peek_caller(delivery.value)
+        job_id = caller.get("job_id")
+        log.error("job.poison_record", job_id=job_id, offset=delivery.offset, partition=delivery.partition,
+                  attempts=attempts, error=message)  # fmt: skip
+        self._publisher.dead_letter(delivery.value, delivery.source, POISON_REASON, message, job_id,
+                                    exception=type(error).__name__, attempts=attempts)  # fmt: skip
+        self._recorder.job_finished(Status.FAILED.value, POISON_REASON)
+        if job_id is None:
+            return Outcome.COMMIT
+        event = StatusEvent(job_id=job_id, status=Status.FAILED, correlation_id=caller.get("correlation_id"),
+                            reason=POISON_REASON, message=message)  # fmt: skip
+        try:
+            self._publisher.publish_durably(event, self._allowed_reply(caller))
+            self._ledger.record_finished(job_id, Status.FAILED)
+        except Exception as exc:  # the dead letter holds the record and the reason: move on
+            log.warning("job.poison_answer_not_sent", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+        return Outcome.COMMIT
+
+    def _allowed_reply(self, caller: dict) -> ReplyAddress | None:
+        """The caller's reply address read from a record, if the policy lets answers go there."""
+        topic = caller.get("reply_to")
+        if topic is None or self._refused(topic, caller.get("reply_partition")):
+            return None
+        return ReplyAddress(topic, caller.get("reply_partition"), caller.get("correlation_id"))
+
+    def _refused(self, topic: str, partition: int | None) -> str | None:
+        return self._replies.refusal(topic, partition) if self._replies is not None else None
+
     def _run_valid(self, job: Job, delivery: Delivery, control: JobControl) -> Outcome:
         reply = _reply_address(job)
+        if reply is not None and (refusal := self._refused(reply.topic, reply.partition)):
+            log.warning("job.rejected", reason="bad_reply_to", error=refusal)
+            self._publisher.dead_letter(delivery.value, delivery.source, "bad_reply_to", refusal, job.job_id)
+            # Answered on the results topic only: the address it named is the problem.
+            return self._answer(job, None, Status.REJECTED, reason="bad_reply_to", message=refusal)
         if delivery.possibly_redelivered and not self._ledger.wait_caught_up(self._catch_up_timeout_s):
             log.warning("ledger.catch_up_timeout", timeout_s=self._catch_up_timeout_s)
         answered = self._ledger.finished(job.job_id)
@@ -338,9 +380,10 @@ class JobRunner:
                 reason=rejection.reason,
                 message=rejection.message,
             )
-            reply = None
-            if rejection.reply_to:
-                reply = ReplyAddress(rejection.reply_to, rejection.reply_partition, rejection.correlation_id)
+            reply = self._allowed_reply(
+                {"reply_to": rejection.reply_to, "reply_partition": rejection.reply_partition,
+                 "correlation_id": rejection.correlation_id}
+            )  # fmt: skip
             self._publisher.publish_durably(event, reply)
         return Outcome.COMMIT
 

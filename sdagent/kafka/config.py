@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from sdagent.jobs import TOPIC_PATTERN
 
@@ -41,6 +41,9 @@ class TopicsConfig(BaseModel):
     replies: str = Field("sdagent.replies", pattern=TOPIC_PATTERN)
     # Compacted: one record per agent with the models it holds (docs/model-affinity.md).
     agents: str = Field("sdagent.agents", pattern=TOPIC_PATTERN)
+    # Topics a job may name as reply_to besides `replies` (callers with reply topics of their own).
+    # The fleet's own topics are never allowed: an agent would write answers into them.
+    reply_topics: list[Annotated[str, StringConstraints(pattern=TOPIC_PATTERN)]] = Field(default_factory=list)
     # How jobs are keyed (docs/model-affinity.md): "job_id" spreads them evenly whatever the
     # model; "model" sends a model's jobs to at most model_lanes partitions (fewer switches, but a
     # fleet serving few models then keeps only that many agents busy: opt in with lanes sized).
@@ -57,9 +60,16 @@ class TopicsConfig(BaseModel):
     dead_letters_retention_h: float = Field(14 * 24, gt=0)
     replies_retention_h: float = Field(1, gt=0)
 
+    @property
+    def fleet_topics(self) -> frozenset[str]:
+        """The topics the fleet itself reads or writes (never a caller's reply address)."""
+        return frozenset({self.jobs, self.results, self.dead_letters, self.control, self.agents})
+
     @model_validator(mode="after")
     def _distinct_names(self) -> TopicsConfig:
         names = [self.jobs, self.results, self.dead_letters, self.control, self.replies, self.agents]
         if len(set(names)) != len(names):
             raise ValueError("topic names must all differ")
+        if own := sorted(self.fleet_topics & set(self.reply_topics)):
+            raise ValueError(f"reply_topics may not name the fleet's own topics: {', '.join(own)}")
         return self

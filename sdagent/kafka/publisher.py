@@ -9,7 +9,7 @@ acks=all, and the job's offset is committed only after that.
 from __future__ import annotations
 
 import structlog
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent
@@ -17,9 +17,11 @@ from sdagent.kafka.acks import Deliveries
 from sdagent.kafka.config import TopicsConfig
 from sdagent.kafka.records import (
     AGENT_HEADER,
+    ATTEMPTS_HEADER,
     CORRELATION_HEADER,
     ERROR_HEADER,
     ERROR_HEADER_MAX_BYTES,
+    EXCEPTION_HEADER,
     JOB_ID_HEADER,
     REASON_HEADER,
     REQUEUED_BY_HEADER,
@@ -64,13 +66,22 @@ class StatusPublisher:
     def reply_only(self, event: StatusEvent, reply: ReplyAddress) -> None:
         """Send ``event`` to the caller's reply topic only (best effort), not to the results topic."""
         key, value, headers = self._record(event)
-        self._produce(reply.topic, reply.partition, key, value, headers, self._log_failed_delivery)
+        self._send_reply(reply, key, value, headers)
         self._producer.poll(0)
 
     def dead_letter(
-        self, raw: bytes | None, source: SourceRecord, reason: str, message: str, job_id: str | None = None
+        self,
+        raw: bytes | None,
+        source: SourceRecord,
+        reason: str,
+        message: str,
+        job_id: str | None = None,
+        *,
+        exception: str | None = None,
+        attempts: int | None = None,
     ) -> None:
-        """Durably copy a message that could not be run to the dead-letter topic, with why."""
+        """Durably copy a message that could not be run to the dead-letter topic, with why (and,
+        when the agent itself raised, the exception's class and how many times it was tried)."""
         headers: Headers = [
             (REASON_HEADER, reason.encode()),
             (ERROR_HEADER, message.encode()[:ERROR_HEADER_MAX_BYTES]),
@@ -81,6 +92,10 @@ class StatusPublisher:
         ]
         if job_id:
             headers.append((JOB_ID_HEADER, job_id.encode()))
+        if exception:
+            headers.append((EXCEPTION_HEADER, exception.encode()))
+        if attempts is not None:
+            headers.append((ATTEMPTS_HEADER, str(attempts).encode()))
         deliveries = Deliveries()
         deliveries.expect()
         self._producer.produce(
@@ -123,9 +138,15 @@ class StatusPublisher:
         key, value, headers = self._record(event)
         self._produce(self._topics.results, None, key, value, headers, on_delivery)
         if reply is not None:
-            # The caller's copy is best effort: the results topic holds the answer of record, and
-            # a caller's missing or full reply topic must not hold up the fleet's commit.
+            self._send_reply(reply, key, value, headers)
+
+    def _send_reply(self, reply: ReplyAddress, key: bytes, value: bytes, headers: Headers) -> None:
+        """The caller's copy is best effort: the results topic holds the answer of record, and a
+        caller's missing, full or refused reply topic must never hold up the answer or the commit."""
+        try:
             self._produce(reply.topic, reply.partition, key, value, headers, self._log_failed_delivery)
+        except (KafkaException, BufferError) as exc:
+            log.warning("reply.not_sent", topic=reply.topic, partition=reply.partition, error=str(exc))
 
     def _produce(self, topic, partition, key, value, headers, on_delivery) -> None:
         if isinstance(on_delivery, Deliveries):

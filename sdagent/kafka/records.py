@@ -36,6 +36,8 @@ SOURCE_PARTITION_HEADER = "sdagent-source-partition"
 SOURCE_OFFSET_HEADER = "sdagent-source-offset"
 AGENT_HEADER = "sdagent-agent"
 JOB_ID_HEADER = "sdagent-job-id"
+EXCEPTION_HEADER = "sdagent-exception"  # the exception class, when the agent itself raised
+ATTEMPTS_HEADER = "sdagent-attempts"  # how many times the record was tried before it was given up
 ERROR_HEADER_MAX_BYTES = 4096
 
 
