@@ -7,7 +7,7 @@ base so callers can catch "anything the backend said" without knowing the adapte
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -61,10 +61,13 @@ class JobRejected(SdagentError):
         reply_to: str | None = None,
         reply_partition: int | None = None,
         correlation_id: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        # One entry per problem ({loc, msg, type}), as the gateway's 422 answer lists them.
+        self.errors = errors or [{"loc": [], "msg": message, "type": reason}]
         self.job_id = job_id
         self.reply_to = reply_to
         self.reply_partition = reply_partition

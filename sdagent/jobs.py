@@ -20,7 +20,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -178,13 +177,6 @@ class Job(BaseModel):
             raise ValueError(f"output format {fmt.value} does not fit kind {self.kind.value}")
         return self
 
-    @model_validator(mode="after")
-    def _within_limits(self, info: ValidationInfo) -> Job:
-        limits = (info.context or {}).get("limits")
-        if limits is not None:
-            check_limits(self, limits)
-        return self
-
     @property
     def output_format(self) -> OutputFormat:
         if self.output.format is not None:
@@ -221,8 +213,12 @@ def check_limits(job: Job, limits: Limits) -> None:
 
 
 def parse_job(raw: bytes | None, limits: Limits, default_job_id: str | None = None) -> Job:
-    """Decode and validate one message from the jobs topic, or raise :class:`JobRejected`.
+    """Decode and validate one job, or raise :class:`JobRejected`: the one parser of every path
+    (the jobs topic and the gateway), so a job's fate never depends on how it was sent.
 
+    The rules: at most ``limits.max_message_bytes``; UTF-8 JSON (no BOM, no other encoding) whose
+    top level is an object; ``schema_version`` 1; every field exactly of its JSON type (strict: no
+    ``true`` for a number, no ``"4"`` for an integer); then the deployment's limits.
     ``default_job_id`` names a job that came without one; derive it from the record's place so a
     redelivery of the same record gets the same id.
     """
@@ -231,21 +227,45 @@ def parse_job(raw: bytes | None, limits: Limits, default_job_id: str | None = No
     if len(raw) > limits.max_message_bytes:
         raise JobRejected("oversize", f"{len(raw)} bytes, over the limit of {limits.max_message_bytes}")
     try:
-        document = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        document = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise JobRejected("not_json", f"not UTF-8: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise JobRejected("not_json", f"not a JSON document: {exc}") from None
     if not isinstance(document, dict):
         raise JobRejected("invalid", "a job must be a JSON object")
+    given_id = "job_id" in document
     if default_job_id is not None:
         document.setdefault("job_id", default_job_id)
     reply = _reply_fields(document)
     version = document.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION or isinstance(version, bool):
         raise JobRejected("schema_version", f"schema_version {version!r} is not {SCHEMA_VERSION}", **reply)
     try:
-        return Job.model_validate(document, context={"limits": limits})
+        job = Job.model_validate_json(raw, strict=True)  # exactly what the JSON Schema says
     except ValidationError as exc:
-        raise JobRejected("invalid", describe_validation_error(exc), **reply) from None
+        errors = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
+                  for error in exc.errors(include_url=False, include_input=False)]  # fmt: skip
+        raise JobRejected("invalid", describe_validation_error(exc), errors=errors, **reply) from None
+    try:
+        check_limits(job, limits)
+    except ValueError as exc:  # "<field> is <value>, over this deployment's limit of <limit>"
+        field = str(exc).split(" ", 1)[0]
+        errors = [{"loc": field.split("."), "msg": str(exc), "type": "over_limit"}]
+        raise JobRejected("invalid", str(exc), errors=errors, **reply) from None
+    if default_job_id is not None and not given_id:
+        job = job.model_copy(update={"job_id": default_job_id})
+    return job
+
+
+def peek_caller(raw: bytes | None) -> dict[str, Any]:
+    """Whatever identifies the caller in a record (job id, reply address, correlation id), read
+    without validating the job; empty when the record is not a JSON object. Never raises."""
+    try:
+        document = json.loads(raw) if raw is not None else None
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+        return {}
+    return {k: v for k, v in _reply_fields(document).items() if v is not None} if isinstance(document, dict) else {}
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -17,14 +17,15 @@ import structlog
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
+from starlette.requests import ClientDisconnect
 
-from sdagent.errors import GatewayError, KafkaUnavailable
+from sdagent.errors import GatewayError, JobRejected, KafkaUnavailable
 from sdagent.gateway.auth import Caller, Gatekeeper, NotAuthenticated, RateLimited
 from sdagent.gateway.config import GatewayConfig
 from sdagent.gateway.status import StatusView
-from sdagent.jobs import JOB_ID_PATTERN, Job, Limits, Status, StatusEvent, check_limits
+from sdagent.jobs import JOB_ID_PATTERN, Job, Limits, Status, StatusEvent, parse_job
 
 log = structlog.get_logger(__name__)
 
@@ -113,7 +114,8 @@ def create_app(parts: GatewayParts | None = None) -> FastAPI:
         wait: Annotated[float | None, Query(ge=0, description="seconds to wait for the result (sync mode)")] = None,
         prefer: Annotated[str | None, Header(description="RFC 7240, e.g. wait=10")] = None,
     ) -> Response:
-        job = _parse_job(await _read_body(request, parts.config.max_body_bytes), parts.limits)
+        body = await _read_body(request, parts.config.max_body_bytes, parts.config.body_timeout_s)
+        job = _parse_job(body, parts.limits)
         try:
             await parts.queue.submit(job)
         except KafkaUnavailable as exc:
@@ -187,33 +189,39 @@ async def _caller(
 CallerDep = Annotated[Caller, Depends(_caller)]
 
 
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The body, refused with 413 past ``max_bytes`` (declared or streamed) before it is parsed."""
+async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    """The body, refused with 413 past ``max_bytes`` (declared or streamed) before it is parsed,
+    and with 408 when it has not all come within ``timeout_s``. A client that goes away mid-body
+    is an event of its own (nobody is left to answer), not an error of the gateway's."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise _too_large(max_bytes)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise _too_large(max_bytes)
+                chunks.append(chunk)
+    except TimeoutError:
+        log.info("gateway.body_too_slow", received_bytes=size, timeout_s=timeout_s)
+        raise _ProblemError(408, "Request Timeout", f"the body did not arrive within {timeout_s:g} s",
+                            headers={"Connection": "close"}) from None  # fmt: skip
+    except ClientDisconnect:
+        log.info("gateway.client_disconnected", received_bytes=size)
+        raise _ProblemError(400, "Client disconnected", "the client went away before its body arrived") from None
     return b"".join(chunks)
 
 
 def _parse_job(body: bytes, limits: Limits) -> Job:
     try:
-        job = Job.model_validate_json(body, strict=True)  # exactly what the OpenAPI document says
-    except ValidationError as exc:
-        errors = [{"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
-                  for error in exc.errors(include_url=False, include_input=False)]  # fmt: skip
-        raise _ProblemError(422, "Invalid job", "the job does not match the schema", errors=errors) from exc
-    try:
-        check_limits(job, limits)
-    except ValueError as exc:  # "<field> is <value>, over this deployment's limit of <limit>"
-        field = str(exc).split(" ", 1)[0]
-        raise _ProblemError(422, "Invalid job", str(exc), errors=[{"loc": field.split("."), "msg": str(exc),
-                                                                   "type": "over_limit"}]) from exc  # fmt: skip
+        job = parse_job(body, limits)  # the agents' own parser: the same job gets the same fate
+    except JobRejected as rejected:
+        status = 413 if rejected.reason == "oversize" else 422
+        schema_errors = rejected.reason == "invalid" and rejected.errors[0]["type"] != "over_limit"
+        detail = "the job does not match the schema" if schema_errors else rejected.message
+        raise _ProblemError(status, "Invalid job", detail, errors=rejected.errors) from None
     if job.reply_to is not None:
         raise _ProblemError(422, "Invalid job", "reply_to is for Kafka callers; use ?wait= or the events URL",
                             errors=[{"loc": ["reply_to"], "msg": "not allowed over HTTP", "type": "forbidden"}])  # fmt: skip
@@ -275,7 +283,9 @@ def _unavailable(config: GatewayConfig, detail: str) -> _ProblemError:
 
 
 def _too_large(max_bytes: int) -> _ProblemError:
-    return _ProblemError(413, "Content Too Large", f"the body is larger than {max_bytes} bytes")
+    # Connection: close: the rest of a body too large to read is never waited for on this connection.
+    return _ProblemError(413, "Content Too Large", f"the body is larger than {max_bytes} bytes",
+                         headers={"Connection": "close"})  # fmt: skip
 
 
 def _publish_job_schema(app: FastAPI) -> None:

@@ -81,6 +81,12 @@ class GatewayConfig(BaseModel):
     # How long a submission waits for the broker's acks=all before it answers 503.
     delivery_timeout_s: float = Field(10.0, gt=0, le=120)
     retry_after_s: int = Field(5, ge=1)
+    # Slow or idle clients: a connection must send complete request headers this soon after it
+    # opens (or after its last response), its body must arrive within body_timeout_s (else 408),
+    # and an idle keep-alive connection is closed after keep_alive_timeout_s.
+    headers_timeout_s: float = Field(10.0, gt=0, le=300)
+    body_timeout_s: float = Field(30.0, gt=0, le=600)
+    keep_alive_timeout_s: int = Field(5, ge=1, le=300)
     webhooks: WebhookConfig = Field(default_factory=WebhookConfig)
 
     @model_validator(mode="after")

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from sdagent.config import Settings
 from sdagent.gateway.app import GatewayParts, create_app
 from sdagent.gateway.auth import Gatekeeper
+from sdagent.gateway.protocol import with_headers_timeout
 from sdagent.gateway.queue import JobQueue
 from sdagent.gateway.status import StatusView
 from sdagent.gateway.webhooks import WebhookDispatcher
@@ -65,5 +66,7 @@ def build_app(settings: Settings, gateway_id: str | None = None) -> FastAPI:
 def serve(settings: Settings) -> None:
     app = build_app(settings)
     freeze_startup_heap()  # a full GC pass then skips the imports and the app: no request waits on it
-    uvicorn.run(app, host=settings.gateway.host, port=settings.gateway.port, log_config=None,
-                access_log=False, timeout_graceful_shutdown=math.ceil(settings.gateway.max_wait_s + 5))  # fmt: skip
+    config = settings.gateway
+    uvicorn.run(app, host=config.host, port=config.port, log_config=None, access_log=False,
+                http=with_headers_timeout(config.headers_timeout_s), timeout_keep_alive=config.keep_alive_timeout_s,
+                timeout_graceful_shutdown=math.ceil(config.max_wait_s + 5))  # fmt: skip

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from sdagent.errors import JobRejected
-from sdagent.jobs import Job, JobKind, Limits, Status, StatusEvent, job_json_schema, parse_job
+from sdagent.jobs import Job, JobKind, Limits, Status, StatusEvent, job_json_schema, parse_job, peek_caller
 
 LIMITS = Limits()
 
@@ -125,3 +125,60 @@ def test_job_defaults_round_trip_through_json():
 def test_a_job_without_an_id_gets_the_one_derived_from_its_record():
     assert parse_job(raw(), LIMITS, default_job_id="record-1").job_id == "record-1"
     assert parse_job(raw(job_id="own"), LIMITS, default_job_id="record-1").job_id == "own"
+
+
+# --- one strict parser for every path (the gateway's rules) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"model": "m.safetensors", "prompt": "p", "steps": true}', "steps"),  # was taken as 1
+        (b'{"model": "m.safetensors", "prompt": "p", "steps": "20"}', "steps"),
+        (b'{"model": "m.safetensors", "prompt": "p", "steps": 20.0}', "steps"),
+        (b'{"model": "m.safetensors", "prompt": "p", "seed": false}', "seed"),
+        (b'{"model": "m.safetensors", "prompt": 7}', "prompt"),
+        (b'{"model": "m.safetensors", "prompt": "p", "width": "512"}', "width"),
+    ],
+)
+def test_a_field_of_the_wrong_json_type_is_rejected_not_coerced(body, field):
+    with pytest.raises(JobRejected) as rejected:
+        parse_job(body, LIMITS)
+    assert rejected.value.reason == "invalid" and rejected.value.errors[0]["loc"][0] == field
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"model": "m.safetensors", "prompt": "p"}'.encode("utf-16"),  # was decoded by json.loads
+        '{"model": "m.safetensors", "prompt": "p"}'.encode("utf-32"),
+        b"\xef\xbb\xbf" + b'{"model": "m.safetensors", "prompt": "p"}',  # a UTF-8 byte-order mark
+        b'{"model": "m.safetensors", "prompt": "\xff\xfe"}',  # not UTF-8 at all
+        b"[" * 100_000 + b"]" * 100_000,  # nested deeper than any parser goes
+    ],
+)
+def test_only_utf8_json_is_a_job(body):
+    with pytest.raises(JobRejected) as rejected:
+        parse_job(body, Limits(max_message_bytes=1_000_000))
+    assert rejected.value.reason == "not_json"
+
+
+def test_a_schema_version_of_true_is_not_version_1():
+    with pytest.raises(JobRejected) as rejected:
+        parse_job(raw(schema_version=True), LIMITS)
+    assert rejected.value.reason == "schema_version"
+
+
+def test_a_limit_beyond_the_deployment_names_its_field_for_every_caller():
+    with pytest.raises(JobRejected) as rejected:
+        parse_job(raw(steps=200), Limits(max_steps=50))
+    (error,) = rejected.value.errors
+    assert error == {"loc": ["steps"], "msg": "steps is 200, over this deployment's limit of 50", "type": "over_limit"}
+
+
+def test_peek_caller_never_raises_and_reads_what_it_can():
+    assert peek_caller(None) == {} and peek_caller(b"[" * 100_000) == {} and peek_caller(b"\xff") == {}
+    assert peek_caller(b'{"job_id": "a", "reply_to": "t", "reply_partition": -1, "steps": true}') == {
+        "job_id": "a",
+        "reply_to": "t",
+    }
