@@ -9,7 +9,6 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import os
@@ -17,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -30,6 +28,7 @@ import structlog
 
 from sdagent.devstack.process import signal_group, stop_group, wait_until_answering
 from sdagent.errors import SdagentError
+from sdagent.webui.process import set_parent_death_signal
 
 log = structlog.get_logger(__name__)
 
@@ -142,19 +141,12 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-# Resolved up front: the hook below runs between fork and exec, where loading a library could
-# deadlock on a lock some other thread (e.g. librdkafka's) held at fork time.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-_PR_SET_PDEATHSIG = 1
-
-
 def die_with_parent() -> None:
     """``preexec_fn`` that SIGTERMs the child when the thread that started it dies (Linux only).
 
     Stops a hard-killed test run (SIGKILL, os._exit) from leaving brokers and servers behind.
     """
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    set_parent_death_signal(signal.SIGTERM)
 
 
 def random_cluster_id() -> str:

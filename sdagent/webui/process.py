@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
 
 import psutil
 import structlog
 
 log = structlog.get_logger(__name__)
+
+# Resolved up front: a hook between fork and exec must not load a library (it could deadlock on
+# a lock another thread, e.g. librdkafka's, held at fork time).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: signal.Signals) -> None:
+    """Have the kernel send ``sig`` to this process when the thread that started it dies (Linux)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(sig))
+
+
+def guarded_command(command: Sequence[str]) -> list[str]:
+    """``command`` run under :mod:`sdagent.webui.guard`, which ends it when this agent dies."""
+    return [sys.executable, "-m", "sdagent.webui.guard", "--parent", str(os.getpid()), "--", *command]
+
+
+def launch_guarded(command: Sequence[str], **popen: Any) -> subprocess.Popen:
+    """The supervisor's launcher: the WebUI under its guard, the guard leading a new session."""
+    return subprocess.Popen(guarded_command(command), **popen)
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:

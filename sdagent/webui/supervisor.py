@@ -11,8 +11,9 @@ backoff (a crash loop is logged as an error and counted), watches the job in fli
 starts, progresses and ends (:meth:`WebUISupervisor.watch_job`) and asks it between jobs to restart
 a WebUI above its memory ceiling (:meth:`WebUISupervisor.restart_if_over_memory`).
 
-The WebUI runs in its own session, so a SIGKILL of the agent leaves it running: under systemd the
-unit's ``KillMode=control-group`` (the default) is what cleans it up before a restart.
+The WebUI runs in its own session under :mod:`sdagent.webui.guard`, which ends its whole process
+group when the agent dies (a SIGKILL or a crash included), so no WebUI outlives its agent holding
+the GPU and the port, with or without systemd (whose ``KillMode=control-group`` cleans up too).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sdagent.backends.config import WebUIBackendConfig
 from sdagent.gpu.memory import GpuMemoryProbe
 from sdagent.webui.config import ProcessConfig
 from sdagent.webui.output import OUTPUT_READ_LIMIT_BYTES, OutputLog, clean_output_line
-from sdagent.webui.process import descendants, signal_group, signal_name, tree_rss_bytes
+from sdagent.webui.process import descendants, launch_guarded, signal_group, signal_name, tree_rss_bytes
 from sdagent.webui.restart import RestartPolicy
 
 log = structlog.get_logger(__name__)
@@ -117,7 +118,7 @@ class WebUISupervisor:
         interrupt: Callable[[], None],
         job_timeout_s: float,
         stall_timeout_s: float,
-        launcher: Launcher = subprocess.Popen,
+        launcher: Launcher = launch_guarded,
         clock: Clock = time.monotonic,
         wait: Wait = threading.Event.wait,
         memory_probe: Callable[[], int | None] | None = None,

@@ -4,9 +4,11 @@ adapters drive it over HTTP, and a crash of the WebUI mid-job costs a restart, n
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import urllib.request
 
+import psutil
 import pytest
 from test_failures import terminal_statuses
 from test_pipeline import job, wait_until
@@ -76,3 +78,35 @@ def test_jobs_run_through_a_supervised_webui_and_survive_its_crash(pipeline, tmp
         agent.terminate()
         agent.wait(60)
     assert wait_until(lambda: agent.poll() is not None, timeout_s=5)
+
+
+def _webui_processes(port: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if "sim" in cmdline and str(port) in cmdline:
+            found.append(process)
+    return found
+
+
+def test_the_webui_dies_with_its_agent_even_when_the_agent_is_sigkilled(pipeline, tmp_path):
+    port = free_loopback_port()
+    # A shell launcher that starts the WebUI without exec, as A1111's webui.sh does: the Python
+    # process it starts must go too, not only the shell.
+    launcher = tmp_path / "webui.sh"
+    sim = " ".join(webui_backend("a1111", port)["process"]["command"])
+    launcher.write_text(f"#!/bin/sh\n{sim}\necho webui exited\n")
+    launcher.chmod(0o755)
+    backend = webui_backend("a1111", port)
+    backend["process"]["command"] = [str(launcher)]
+    agent = spawn_agent(pipeline.config | {"backend": backend}, tmp_path, "agent")
+    try:
+        assert wait_until(lambda: _webui_processes(port), timeout_s=60)
+        assert pipeline.client.run(job(), timeout_s=60).status is Status.SUCCEEDED
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        assert wait_until(lambda: not _webui_processes(port), timeout_s=20), "the WebUI outlived its agent"
+    finally:
+        agent.kill()
+        for leftover in _webui_processes(port):
+            leftover.kill()
