@@ -148,3 +148,23 @@ def test_sysusers_creates_the_service_user(tmp_path):
     assert result.returncode == 0, result.stderr
     passwd = (root / "etc/passwd").read_text()
     assert re.search(r"^sdagent:x:\d+:\d+:.*:/var/lib/sdagent:/usr/sbin/nologin$", passwd, re.M), passwd
+
+
+def unit_settings(unit: Path) -> dict[str, list[str]]:
+    """Every Key=value of a unit file, values by key (a key may repeat)."""
+    settings: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_a_crashed_agent_is_started_again_and_a_bad_config_is_not():
+    """A segfault (librdkafka's, say) is an unclean signal: Restart=on-failure starts the agent
+    again; the jobs it held go back to the group (at-least-once). Exit 64/78 (usage, config) never
+    get better by retrying."""
+    settings = unit_settings(UNIT_DIR / "sdagent.service")
+    assert settings["Restart"] == ["on-failure"]
+    prevented = " ".join(settings.get("RestartPreventExitStatus", [])).split()
+    assert set(prevented) == {"64", "78"} and "SIGSEGV" not in prevented and "SIGABRT" not in prevented
