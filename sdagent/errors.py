@@ -148,6 +148,11 @@ class KafkaUnavailable(SdagentError):
     """Raised when the Kafka cluster cannot be reached or a record cannot be durably produced."""
 
 
+class RecordRefused(SdagentError):
+    """Raised when the broker refuses one record for good (too large, invalid): unlike
+    KafkaUnavailable, waiting for the cluster cannot help that record."""
+
+
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (BackendUnavailable, OutputUnavailable, InputUnavailable)
 """Failures worth retrying with backoff before the job is failed."""
 

@@ -24,7 +24,15 @@ import tenacity
 from sdagent.agent.config import RetryConfig
 from sdagent.backends.base import Backend, Generation
 from sdagent.cache.serving import CachedModels, UncachedModels
-from sdagent.errors import TRANSIENT_ERRORS, BackendUnavailable, JobAborted, JobFailed, JobRejected, KafkaUnavailable
+from sdagent.errors import (
+    TRANSIENT_ERRORS,
+    BackendUnavailable,
+    JobAborted,
+    JobFailed,
+    JobRejected,
+    KafkaUnavailable,
+    RecordRefused,
+)
 from sdagent.jobs import Job, Limits, Progress, Status, StatusEvent, parse_job, peek_caller
 from sdagent.kafka.ledger import JobLedger
 from sdagent.kafka.publisher import StatusPublisher
@@ -181,8 +189,14 @@ class JobRunner:
         job_id = caller.get("job_id")
         log.error("job.poison_record", job_id=job_id, offset=delivery.offset, partition=delivery.partition,
                   attempts=attempts, error=message)  # fmt: skip
-        self._publisher.dead_letter(delivery.value, delivery.source, POISON_REASON, message, job_id,
-                                    exception=type(error).__name__, attempts=attempts)  # fmt: skip
+        exception = type(error).__name__
+        try:
+            self._publisher.dead_letter(delivery.value, delivery.source, POISON_REASON, message, job_id,
+                                        exception=exception, attempts=attempts)  # fmt: skip
+        except RecordRefused as refused:  # the record itself is what the broker will not take again
+            message = f"{message}; the record could not be copied: {refused}"
+            self._publisher.dead_letter(None, delivery.source, POISON_REASON, message, job_id,
+                                        exception=exception, attempts=attempts)  # fmt: skip
         self._recorder.job_finished(Status.FAILED.value, POISON_REASON)
         if job_id is None:
             return Outcome.COMMIT

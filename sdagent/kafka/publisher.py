@@ -11,7 +11,7 @@ from __future__ import annotations
 import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from sdagent.errors import KafkaUnavailable
+from sdagent.errors import KafkaUnavailable, RecordRefused
 from sdagent.jobs import Job, StatusEvent
 from sdagent.kafka.acks import Deliveries
 from sdagent.kafka.config import TopicsConfig
@@ -37,6 +37,19 @@ from sdagent.kafka.records import (
 )
 
 log = structlog.get_logger(__name__)
+
+# Errors that belong to one record, not to the cluster: retrying the same bytes cannot help.
+# (A missing topic or a refused authorisation stays KafkaUnavailable: it is the fleet's, and a
+# poison verdict for every job would empty the jobs topic into the dead letters.)
+REFUSED_FOR_GOOD = frozenset(
+    {
+        KafkaError.MSG_SIZE_TOO_LARGE,
+        KafkaError.INVALID_MSG_SIZE,
+        KafkaError.RECORD_LIST_TOO_LARGE,
+        KafkaError.INVALID_RECORD,
+        KafkaError._INVALID_ARG,
+    }
+)
 
 
 class StatusPublisher:
@@ -97,14 +110,7 @@ class StatusPublisher:
         if attempts is not None:
             headers.append((ATTEMPTS_HEADER, str(attempts).encode()))
         deliveries = Deliveries()
-        deliveries.expect()
-        self._producer.produce(
-            self._topics.dead_letters,
-            value=raw,
-            key=job_id.encode() if job_id else None,
-            headers=headers,
-            on_delivery=deliveries,
-        )
+        self._produce(self._topics.dead_letters, None, job_id.encode() if job_id else None, raw, headers, deliveries)
         self._await(deliveries, f"dead letter from {source.topic}/{source.partition}@{source.offset}")
         log.warning("job.dead_lettered", job_id=job_id, reason=reason, error=message, offset=source.offset)
 
@@ -153,16 +159,25 @@ class StatusPublisher:
             on_delivery.expect()
         kwargs = {"partition": partition} if partition is not None else {}
         try:
-            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery, **kwargs)
-        except BufferError:
-            # The local queue is full (broker away for long): make room, then try once more.
-            self._producer.poll(1.0)
-            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery, **kwargs)
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery, **kwargs)
+            except BufferError:
+                # The local queue is full (broker away for long): make room, then try once more.
+                self._producer.poll(1.0)
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery, **kwargs)
+        except KafkaException as exc:  # refused before it left: too large for this client, say
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if error is not None and error.code() in REFUSED_FOR_GOOD:
+                raise RecordRefused(f"{topic}: {error}") from None
+            raise KafkaUnavailable(f"{topic}: {exc}") from None
 
     def _await(self, deliveries: Deliveries, what: str) -> None:
         problem = deliveries.wait(self._producer, self._delivery_timeout_s)
-        if problem is not None:
-            raise KafkaUnavailable(f"could not durably produce {what}: {problem}")
+        if problem is None:
+            return
+        if deliveries.error is not None and deliveries.error.code() in REFUSED_FOR_GOOD:
+            raise RecordRefused(f"the broker refused {what}: {problem}")
+        raise KafkaUnavailable(f"could not durably produce {what}: {problem}")
 
     @staticmethod
     def _log_failed_delivery(error: KafkaError | None, message: Message) -> None:

@@ -172,3 +172,27 @@ def test_a_reply_topic_outside_the_allow_list_is_refused_and_answered_on_the_res
     assert (
         answer.status is Status.REJECTED and answer.reason == "bad_reply_to" and "nobody.listens.here" in answer.message
     )
+
+
+def test_an_answer_the_broker_refuses_for_good_is_a_poison_record_not_an_outage(pipeline):
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+
+    # The results topic takes records up to 8 KiB here: a success that echoes 10 KB of metadata
+    # is refused by the broker (MSG_SIZE_TOO_LARGE) on every try, however long one waits.
+    admin = AdminClient({"bootstrap.servers": pipeline.settings.kafka.bootstrap_servers})
+    resource = ConfigResource(
+        ConfigResource.Type.TOPIC,
+        pipeline.settings.topics.results,
+        incremental_configs=[ConfigEntry("max.message.bytes", "8192", incremental_operation=AlterConfigOpType.SET)],
+    )
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)
+    pipeline.start_agent(agent={"record_attempts": ATTEMPTS, "record_retry_backoff_s": 0.2})
+    pipeline.client.submit(job(job_id="answer-too-large", metadata={"note": "x" * 10_000}))
+
+    (letter,) = pipeline.read(pipeline.settings.topics.dead_letters, 1, timeout_s=60)
+    headers = headers_of(letter)
+    assert headers["sdagent-reason"] == "poison_record" and headers["sdagent-exception"] == "RecordRefused"
+    (answer,) = [e for e in pipeline.events("answer-too-large") if e.status.is_terminal]
+    assert answer.status is Status.FAILED and answer.reason == "poison_record" and "too large" in answer.message.lower()
+    assert pipeline.client.run(job(), timeout_s=30).status is Status.SUCCEEDED
