@@ -91,7 +91,8 @@ def main() -> None:
                 f"{len(submitted)} jobs submitted, {len(crashes)} agent exits")  # fmt: skip
         stop.set()
         submitter.join(10)
-        answers = count_answers(settings, set(submitted), timeout_s=180)
+        seen: dict[str, list[str]] = {}
+        answers = count_answers(settings, set(submitted), timeout_s=180, seen=seen)
         for process in agents.values():
             process.send_signal(signal.SIGTERM)
         for process in agents.values():
@@ -99,6 +100,8 @@ def main() -> None:
     lost = sorted(job_id for job_id in submitted if answers.get(job_id, 0) == 0)
     twice = sorted(job_id for job_id, count in answers.items() if count > 1)
     segfaults = [crash for crash in crashes if crash["exit"] == -signal.SIGSEGV]
+    for job_id in twice[:5]:
+        say(f"answered twice: {job_id}: " + "; ".join(seen[job_id]))
     say(f"{args.cycles} restarts, {len(submitted)} jobs: {len(lost)} lost, {len(twice)} answered twice, "
         f"{len(crashes)} agent exits ({len(segfaults)} SIGSEGV); logs in {workdir}")  # fmt: skip
     emit({"cycles": args.cycles, "agents": args.agents, "jobs": len(submitted), "lost": len(lost),
@@ -106,8 +109,11 @@ def main() -> None:
           "crashes": crashes, "librdkafka": librdkafka_version(), "workdir": str(workdir)})  # fmt: skip
 
 
-def count_answers(settings, wanted: set[str], timeout_s: float) -> dict[str, int]:
-    """Terminal answers per job id on the results topic, read until every wanted job has one."""
+def count_answers(
+    settings, wanted: set[str], timeout_s: float, seen: dict[str, list[str]] | None = None
+) -> dict[str, int]:
+    """Terminal answers per job id on the results topic, read until every wanted job has one;
+    ``seen`` collects a line per terminal answer (agent, status, attempt, where) per job id."""
     consumer = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": "restarts-reader",
                          "enable.auto.commit": False})  # fmt: skip
     topic = settings.topics.results
@@ -127,6 +133,11 @@ def count_answers(settings, wanted: set[str], timeout_s: float) -> dict[str, int
             event = StatusEvent.from_bytes(message.value())
             if event.status.is_terminal:
                 answers[event.job_id] = answers.get(event.job_id, 0) + 1
+                if seen is not None:
+                    seen.setdefault(event.job_id, []).append(
+                        f"{event.status.value} by {event.agent} attempt {event.attempt} reason {event.reason} "
+                        f"at {message.partition()}@{message.offset()} ts {message.timestamp()[1]}"
+                    )
     finally:
         consumer.close()
     return answers

@@ -220,7 +220,7 @@ def build_agent_metrics(
     """The metrics loop for this instance (not started); ``identity`` is IMDS's, or None off EC2."""
     from confluent_kafka.admin import AdminClient
 
-    from sdagent.kafka.clients import admin_config
+    from sdagent.kafka.clients import admin_config, committed_reader_config
     from sdagent.metrics.assembly import build_metrics
     from sdagent.metrics.dimensions import InstanceIdentity as MetricsIdentity
 
@@ -232,6 +232,7 @@ def build_agent_metrics(
         ),
         region=region,
         kafka_admin=AdminClient(admin_config(settings.kafka)),
+        committed_reader=Consumer(committed_reader_config(settings.kafka)) if settings.metrics.queue_backlog else None,
         jobs_topic=settings.topics.jobs,
         consumer_group=settings.kafka.group_id,
         on_gpu_lost=on_gpu_lost,

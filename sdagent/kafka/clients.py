@@ -109,6 +109,17 @@ def reader_config(kafka: KafkaConfig, purpose: str) -> dict[str, Any]:
     }
 
 
+def committed_reader_config(kafka: KafkaConfig) -> dict[str, Any]:
+    """A consumer of the fleet's group that never subscribes (so never joins it): it only reads
+    the group's committed offsets, for the backlog metric (sdagent.metrics.lag)."""
+    return {
+        **_base(kafka, "sdagent-backlog"),
+        "group.id": kafka.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+    }
+
+
 def ledger_reader_config(kafka: KafkaConfig) -> dict[str, Any]:
     """The agent's reader of every answer and cancel request of the fleet: batched fetches.
 

@@ -42,6 +42,7 @@ def build_metrics(
     *,
     region: str | None = None,
     kafka_admin: Any = None,
+    committed_reader: Any = None,
     jobs_topic: str | None = None,
     consumer_group: str | None = None,
     cloudwatch: Any = None,
@@ -52,15 +53,22 @@ def build_metrics(
     """The metrics loop, not started.
 
     ``jobs_topic`` names the JobsInFlight fleet stream the scaling policies read; with
-    ``kafka_admin`` (a confluent_kafka AdminClient) and ``consumer_group`` it also enables
+    ``kafka_admin`` (a confluent_kafka AdminClient), ``committed_reader`` (a Consumer of
+    ``consumer_group`` that never subscribes) and ``consumer_group`` it also enables
     ``QueueBacklog``. ``nvml`` replaces pynvml (tests); ``on_gpu_lost(index, reason)`` is called
     once per lost GPU, from the metrics thread.
     """
     if not config.enabled:
         return DisabledPublisher(_DisabledSink(), identity, jobs=JobMetrics(enabled=False))
     lag = None
-    if config.queue_backlog and kafka_admin is not None and jobs_topic and consumer_group:
-        lag = LagReporter(kafka_admin, jobs_topic, consumer_group, timeout_s=config.lag_timeout_s)
+    if (
+        config.queue_backlog
+        and kafka_admin is not None
+        and committed_reader is not None
+        and jobs_topic
+        and consumer_group
+    ):
+        lag = LagReporter(kafka_admin, committed_reader, jobs_topic, consumer_group, timeout_s=config.lag_timeout_s)
     gpus = GpuSampler(nvml, on_lost=on_gpu_lost) if config.gpu else None
     # Both set by MetricsConfig's validator when left out.
     assert config.publish_interval_s is not None and config.sample_interval_s is not None

@@ -5,8 +5,12 @@ Backlog = for every partition of the jobs topic, high watermark minus the group'
 oldest job). One member publishes it - whichever holds partition 0, told by the agent's rebalance
 callbacks - so the fleet's ``QueueBacklog`` is one series, not one per instance.
 
-Three admin requests per publish interval (metadata, committed offsets, watermarks), on the
-publisher thread, each bounded by ``timeout_s``.
+Per publish interval, on the publisher thread, each bounded by ``timeout_s``: metadata and
+watermarks through the admin client, the committed offsets through a consumer of the group that
+never joins it (``Consumer.committed``). Not the admin client's ``list_consumer_group_offsets``:
+librdkafka 2.16.1 aborts the process when a broker goes away while that coordinator request is in
+flight (``rd_kafka_enq_once_del_source_return: Assertion `eonce->refcnt > 0'`, in
+``rd_kafka_admin_coord_response_parse``; bench/broker_restarts.py, docs/upstream/).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import threading
 
 import structlog
-from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import OffsetSpec
 
 from sdagent.metrics import names
@@ -25,15 +29,22 @@ log = structlog.get_logger(__name__)
 
 
 class LagReporter:
-    """Computes the jobs topic's backlog for ``group_id`` with an injected confluent_kafka AdminClient."""
+    """Computes the jobs topic's backlog for ``group_id``: an injected confluent_kafka AdminClient
+    (metadata, watermarks) and a Consumer configured with ``group.id = group_id`` that never
+    subscribes (the group's committed offsets)."""
 
-    def __init__(self, admin, topic: str, group_id: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(self, admin, committed_reader, topic: str, group_id: str, *, timeout_s: float = 5.0) -> None:
         self._admin = admin
+        self._committed_reader = committed_reader
         self._topic = topic
         self._group_id = group_id
         self._timeout_s = timeout_s
         self._holds_partition_zero = threading.Event()
         self._failing = False
+
+    def close(self) -> None:
+        """Close the committed-offsets reader (it never joined the group: nothing to leave)."""
+        self._committed_reader.close()
 
     @property
     def topic(self) -> str:
@@ -88,10 +99,8 @@ class LagReporter:
         return [Datum(names.QUEUE_BACKLOG, topic_dimensions(self._topic), timestamp, "Count", value=backlog)]
 
     def _committed(self, partitions: list[TopicPartition]) -> dict[int, int]:
-        request = ConsumerGroupTopicPartitions(self._group_id, partitions)
-        futures = self._admin.list_consumer_group_offsets([request], request_timeout=self._timeout_s)
-        result = futures[self._group_id].result(timeout=self._timeout_s)
-        return {tp.partition: tp.offset for tp in result.topic_partitions if tp.error is None}
+        committed = self._committed_reader.committed(partitions, timeout=self._timeout_s)
+        return {tp.partition: tp.offset for tp in committed if tp.error is None}
 
     def _offsets(self, partitions: list[TopicPartition], spec: OffsetSpec) -> dict[int, int]:
         futures = self._admin.list_offsets({tp: spec for tp in partitions}, request_timeout=self._timeout_s)

@@ -125,6 +125,8 @@ class MetricsPublisher:
         finally:
             if self.gpus is not None:
                 self.gpus.close()
+            if self.lag is not None:
+                self.lag.close()
         stats = self.stats()
         log.info("metrics.stopped", delivered=stats.delivered, dropped=stats.dropped, buffered=stats.buffered)
 

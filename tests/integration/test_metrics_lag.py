@@ -43,6 +43,11 @@ def jobs_topic(admin, kafka_bootstrap, topic_prefix) -> str:
     return topic
 
 
+def reader(kafka_bootstrap: str, group: str) -> Consumer:
+    """The committed-offsets reader the agent builds: a consumer of ``group`` that never subscribes."""
+    return Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+
+
 def commit(kafka_bootstrap: str, group: str, offsets: list[TopicPartition]) -> None:
     """Commit offsets for ``group`` the way a member does after finishing jobs."""
     consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
@@ -54,21 +59,23 @@ def commit(kafka_bootstrap: str, group: str, offsets: list[TopicPartition]) -> N
 
 def test_backlog_is_what_the_group_has_not_committed(admin, kafka_bootstrap, jobs_topic):
     group = f"sdagent-{uuid.uuid4().hex[:8]}"
-    reporter = LagReporter(admin, jobs_topic, group)
+    reporter = LagReporter(admin, reader(kafka_bootstrap, group), jobs_topic, group)
     assert reporter.backlog() == PARTITIONS * PER_PARTITION  # a new group starts at the oldest job
     commit(kafka_bootstrap, group, [TopicPartition(jobs_topic, 0, 4), TopicPartition(jobs_topic, 1, PER_PARTITION)])
     assert reporter.backlog() == (PER_PARTITION - 4) + 0 + PER_PARTITION
 
 
-def test_jobs_removed_by_retention_are_not_backlog(admin, jobs_topic):
+def test_jobs_removed_by_retention_are_not_backlog(admin, kafka_bootstrap, jobs_topic):
     group = f"sdagent-{uuid.uuid4().hex[:8]}"
     for future in admin.delete_records([TopicPartition(jobs_topic, 2, 7)]).values():
         future.result(30)
-    assert LagReporter(admin, jobs_topic, group).backlog() == 2 * PER_PARTITION + (PER_PARTITION - 7)
+    assert LagReporter(admin, reader(kafka_bootstrap, group), jobs_topic, group).backlog() == 2 * PER_PARTITION + (
+        PER_PARTITION - 7
+    )
 
 
-def test_only_the_holder_of_partition_zero_publishes(admin, jobs_topic):
-    reporter = LagReporter(admin, jobs_topic, f"sdagent-{uuid.uuid4().hex[:8]}")
+def test_only_the_holder_of_partition_zero_publishes(admin, kafka_bootstrap, jobs_topic):
+    reporter = LagReporter(admin, reader(kafka_bootstrap, (g := f"sdagent-{uuid.uuid4().hex[:8]}")), jobs_topic, g)
     assert reporter.collect(60.0) == []
     reporter.set_holds_partition_zero(True)
     (datum,) = reporter.collect(60.0)
@@ -78,8 +85,10 @@ def test_only_the_holder_of_partition_zero_publishes(admin, jobs_topic):
     assert reporter.collect(120.0) == []
 
 
-def test_a_missing_topic_publishes_nothing_and_logs_once(admin, topic_prefix):
-    reporter = LagReporter(admin, f"{topic_prefix}missing", "sdagent", timeout_s=2.0)
+def test_a_missing_topic_publishes_nothing_and_logs_once(admin, kafka_bootstrap, topic_prefix):
+    reporter = LagReporter(
+        admin, reader(kafka_bootstrap, "sdagent"), f"{topic_prefix}missing", "sdagent", timeout_s=2.0
+    )
     reporter.set_holds_partition_zero(True)
     with capture_logs() as logs:
         assert reporter.collect(60.0) == []
@@ -99,7 +108,7 @@ def test_lag_of_a_consuming_member_goes_down_as_it_commits(admin, kafka_bootstra
         }
     )
     consumer.subscribe([jobs_topic])
-    reporter = LagReporter(admin, jobs_topic, group)
+    reporter = LagReporter(admin, reader(kafka_bootstrap, group), jobs_topic, group)
     try:
         done, deadline = 0, time.monotonic() + 60
         while done < 12 and time.monotonic() < deadline:
@@ -113,9 +122,9 @@ def test_lag_of_a_consuming_member_goes_down_as_it_commits(admin, kafka_bootstra
         consumer.close()
 
 
-def test_queue_backlog_lands_in_cloudwatch_with_its_topic_dimension(admin, aws_endpoint, jobs_topic):
+def test_queue_backlog_lands_in_cloudwatch_with_its_topic_dimension(admin, kafka_bootstrap, aws_endpoint, jobs_topic):
     namespace = f"SDAgentTest{uuid.uuid4().hex[:8]}"
-    reporter = LagReporter(admin, jobs_topic, f"sdagent-{uuid.uuid4().hex[:8]}")
+    reporter = LagReporter(admin, reader(kafka_bootstrap, (g := f"sdagent-{uuid.uuid4().hex[:8]}")), jobs_topic, g)
     reporter.set_holds_partition_zero(True)
     publisher = MetricsPublisher(
         CloudWatchSink(cloudwatch_client("us-east-1", aws_endpoint, **DUMMY_CREDENTIALS), namespace),
