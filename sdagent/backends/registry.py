@@ -5,12 +5,16 @@ start-up naming ``backend.kind``, never falls back to another kind.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sdagent.backends.base import Backend
 from sdagent.backends.config import (
@@ -71,10 +75,34 @@ def parse_config(value: Any) -> BackendConfig:
     name = value.get("kind", SimulatedBackendConfig.model_fields["kind"].default)
     if not isinstance(name, str):
         raise ConfigError("backend.kind", f"must be a string, got {name!r}")
+    config = kind_of(name).config
     try:
-        return kind_of(name).config.model_validate(value)
+        return config.model_validate(_decoded(config, value))
     except ValidationError as exc:
         raise ConfigError.from_validation(exc, prefix="backend") from None
+
+
+def _decoded(model: type[BaseModel], value: Mapping[str, Any]) -> dict[str, Any]:
+    """The table with JSON text decoded where its field wants a list or a table: an environment
+    override arrives as text (``SDAGENT_BACKEND__PROCESS__COMMAND='["./webui.sh"]'``), and only
+    the kind's class, not the configuration's, knows that ``process.command`` is a list."""
+    decoded = dict(value)
+    for name, field in model.model_fields.items():
+        given = decoded.get(name)
+        annotation = field.annotation
+        if isinstance(given, Mapping) and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            decoded[name] = _decoded(annotation, given)
+        elif isinstance(given, str) and given.lstrip()[:1] in ("[", "{") and str not in _types(annotation):
+            with contextlib.suppress(ValueError):  # left as it is: the validator names the key
+                decoded[name] = json.loads(given)
+    return decoded
+
+
+def _types(annotation: Any) -> tuple[Any, ...]:
+    """The types a field takes: each member of a union (``str | None``), else the one."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
 
 
 def build_backend(config: BackendConfig, models_dir: Path | None = None) -> Backend:

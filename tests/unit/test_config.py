@@ -103,3 +103,16 @@ def test_a_cache_section_from_the_example_shape_is_accepted(tmp_path):
     )
     assert settings.cache.source == "s3://models-bucket/sd"
     assert settings.cache.prewarm == ["sd15"] and settings.cache.prewarm_most_used == 3
+
+
+def test_environment_overrides_reach_the_fields_only_one_backend_kind_has(monkeypatch):
+    # The configuration's backend field is the base class; only the kind's class knows that
+    # process.command is a list and process.env a table, so their JSON text must still be read.
+    monkeypatch.setenv("SDAGENT_BACKEND__KIND", "comfyui")
+    monkeypatch.setenv("SDAGENT_BACKEND__PROCESS__COMMAND", '["python", "main.py", "--port", "8188"]')
+    monkeypatch.setenv("SDAGENT_BACKEND__PROCESS__ENV", '{"HF_HUB_OFFLINE": "1"}')
+    monkeypatch.setenv("SDAGENT_BACKEND__URL", "http://127.0.0.1:8188")
+    backend = load_settings().backend
+    assert backend.kind == "comfyui" and backend.url == "http://127.0.0.1:8188"
+    assert backend.process.command == ["python", "main.py", "--port", "8188"]
+    assert backend.process.env == {"HF_HUB_OFFLINE": "1"}
