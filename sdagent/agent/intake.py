@@ -111,7 +111,9 @@ class Intake:
         inflight = self._inflight
         if inflight is not None:
             concurrent.futures.wait([inflight.future], timeout=IDLE_POLL_S)
-        busy = inflight is not None or bool(self._held)
+        # Busy: something runs or could start now. Held records that all wait (a retry backoff, a
+        # partition held back) leave the poll its idle wait, or the loop would spin until then.
+        busy = inflight is not None or self._can_start()
         # poll() returns as soon as one record is there; consume(n, timeout) would wait for n of
         # them or the whole timeout. The rest of what is already fetched comes without waiting.
         first = self._consumer.poll(0 if busy else IDLE_POLL_S)
@@ -221,6 +223,14 @@ class Intake:
         delivery = self._held[index]
         del self._held[index]
         return delivery
+
+    def _can_start(self) -> bool:
+        if not self._held or self._controls.held or self._clock() < self._retry_at:
+            return False
+        if not self._blocked:
+            return True
+        now = self._clock()
+        return any(self._blocked.get((d.topic, d.partition), 0.0) <= now for d in self._held)
 
     def _next_unblocked(self) -> Delivery | None:
         """The oldest held record of a partition not held back; in order within each partition."""
