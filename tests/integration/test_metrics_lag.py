@@ -147,3 +147,23 @@ def test_queue_backlog_lands_in_cloudwatch_with_its_topic_dimension(admin, kafka
         EndTime=now + timedelta(hours=1),
     )["MetricDataResults"][0]["Values"]
     assert values and set(values) == {float(PARTITIONS * PER_PARTITION)}
+
+
+class NoCoordinatorRequests:
+    """A real AdminClient without its coordinator-based offsets request: librdkafka 2.16.1 aborts
+    the process when a broker goes away while one is in flight (docs/upstream/)."""
+
+    def __init__(self, admin: AdminClient) -> None:
+        self._admin = admin
+
+    def __getattr__(self, name: str):
+        if name == "list_consumer_group_offsets":
+            raise AssertionError("the backlog must not use the admin coordinator request")
+        return getattr(self._admin, name)
+
+
+def test_backlog_reads_committed_offsets_without_the_admin_coordinator_request(admin, kafka_bootstrap, jobs_topic):
+    group = f"sdagent-{uuid.uuid4().hex[:8]}"
+    commit(kafka_bootstrap, group, [TopicPartition(jobs_topic, 0, 3)])
+    reporter = LagReporter(NoCoordinatorRequests(admin), reader(kafka_bootstrap, group), jobs_topic, group)
+    assert reporter.backlog() == PARTITIONS * PER_PARTITION - 3
