@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[gateway,sim,test]'
 	touch $@
 
-# Java, Maven, Go, systemd-analyze, shellcheck, cfn-lint, packer: seconds once installed.
-tools: venv
+# Java, Maven, python3-venv, Go, systemd-analyze, shellcheck, cfn-lint, packer: seconds once
+# installed. Before the virtualenv: on a fresh machine python3-venv is among what it installs.
+tools:
 	bash ci/install-test-tools.sh
 
 lint: venv
