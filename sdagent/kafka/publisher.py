@@ -151,10 +151,11 @@ class StatusPublisher:
         caller's missing, full or refused reply topic must never hold up the answer or the commit."""
         try:
             self._produce(reply.topic, reply.partition, key, value, headers, self._log_failed_delivery)
-        except (KafkaException, BufferError) as exc:
+        except (KafkaUnavailable, RecordRefused) as exc:
             log.warning("reply.not_sent", topic=reply.topic, partition=reply.partition, error=str(exc))
 
     def _produce(self, topic, partition, key, value, headers, on_delivery) -> None:
+        """Queue one record; raises only RecordRefused (this record, for good) or KafkaUnavailable."""
         if isinstance(on_delivery, Deliveries):
             on_delivery.expect()
         kwargs = {"partition": partition} if partition is not None else {}
@@ -165,6 +166,8 @@ class StatusPublisher:
                 # The local queue is full (broker away for long): make room, then try once more.
                 self._producer.poll(1.0)
                 self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery, **kwargs)
+        except BufferError as exc:  # still full: the broker has been away for long
+            raise KafkaUnavailable(f"{topic}: the producer's queue is full ({exc})") from None
         except KafkaException as exc:  # refused before it left: too large for this client, say
             error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
             if error is not None and error.code() in REFUSED_FOR_GOOD:

@@ -123,14 +123,28 @@ def test_a_failing_backend_or_upload_fails_the_job_at_once_with_its_reason(pipel
     assert pipeline.client.run(job(), timeout_s=30).status is Status.SUCCEEDED
 
 
+class RefusingReplies:
+    """The agent's real producer, except that it refuses every record for one topic at once (as
+    librdkafka does for a partition its metadata does not have)."""
+
+    def __init__(self, producer, topic: str) -> None:
+        self._producer = producer
+        self._topic = topic
+
+    def produce(self, topic, *args, **kwargs):
+        if topic == self._topic:
+            raise KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION, "no such partition"))
+        return self._producer.produce(topic, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._producer, name)
+
+
 def test_a_reply_that_cannot_be_sent_holds_up_neither_the_answer_nor_the_commit(pipeline, monkeypatch):
     agent = pipeline.start_agent()
     publisher = agent.agent.parts.publisher
     replies = pipeline.settings.topics.replies
-    refused = KafkaException(KafkaError(KafkaError._UNKNOWN_PARTITION, "no such partition"))
-    monkeypatch.setattr(
-        publisher, "_produce", raise_for_poison(publisher._produce, refused, lambda topic, *a: topic == replies)
-    )
+    monkeypatch.setattr(publisher, "_producer", RefusingReplies(publisher._producer, replies))
     queued = pipeline.client.submit(job(job_id="reply-refused", reply_to=replies, reply_partition=0))
     assert [e.status for e in pipeline.events(queued.job_id) if e.status.is_terminal] == [Status.SUCCEEDED]
     assert pipeline.client.submit(job(job_id="next-one")).job_id == "next-one"
