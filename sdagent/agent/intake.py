@@ -202,19 +202,24 @@ class Intake:
         self._next_offsets[key] = offset + 1
 
     def _start_next(self) -> None:
-        if self._inflight is not None or not self._held or self._controls.held or self._clock() < self._retry_at:
+        if self._inflight is not None or not self._can_start():
             return
         delivery = self._next_held()
         if delivery is None:
-            return  # every held record waits behind a partition held back
+            return
         control = JobControl(None, self._interrupt_backend)
         with self._lock:
             self._inflight = _InFlight(delivery, control, self._executor.submit(self._runner.run, delivery, control))
         self._reconcile_pause()
 
     def _next_held(self) -> Delivery | None:
-        if self._blocked:
-            return self._next_unblocked()
+        if self._blocked:  # affinity aside: the oldest of a partition not held back
+            index = self._first_unblocked()
+            if index is None:
+                return None
+            delivery = self._held[index]
+            del self._held[index]
+            return delivery
         index = pick_next(self._held, self._loaded_model(), self._oldest_passed_over, MAX_PASSED_OVER)
         if index == 0:
             self._oldest_passed_over = 0
@@ -225,22 +230,18 @@ class Intake:
         return delivery
 
     def _can_start(self) -> bool:
+        """A held record could start now: no hold, no retry wait, and one whose partition is not
+        held back."""
         if not self._held or self._controls.held or self._clock() < self._retry_at:
             return False
-        if not self._blocked:
-            return True
-        now = self._clock()
-        return any(self._blocked.get((d.topic, d.partition), 0.0) <= now for d in self._held)
+        return not self._blocked or self._first_unblocked() is not None
 
-    def _next_unblocked(self) -> Delivery | None:
-        """The oldest held record of a partition not held back; in order within each partition."""
+    def _first_unblocked(self) -> int | None:
+        """Where the oldest held record of a partition not held back is (in order within each
+        partition); backoffs that ran out are dropped on the way."""
         now = self._clock()
         self._blocked = {key: until for key, until in self._blocked.items() if until > now}
-        for index, delivery in enumerate(self._held):
-            if (delivery.topic, delivery.partition) not in self._blocked:
-                del self._held[index]
-                return delivery
-        return None
+        return next((index for index, d in enumerate(self._held) if (d.topic, d.partition) not in self._blocked), None)
 
     def _finish_if_done(self) -> None:
         inflight = self._inflight
@@ -393,6 +394,7 @@ class Intake:
         for key in keys:
             self._next_offsets.pop(key, None)
             self._done_offsets.pop(key, None)
+            self._blocked.pop(key, None)  # its next owner tries the record afresh
         log.info("intake.revoked", lost=lost, partitions=sorted(p for _, p in keys), total=len(self._assigned))
         self._on_assignment(frozenset(self._assigned))
 
