@@ -189,39 +189,42 @@ class JobRunner:
         job_id = caller.get("job_id")
         log.error("job.poison_record", job_id=job_id, offset=delivery.offset, partition=delivery.partition,
                   attempts=attempts, error=message)  # fmt: skip
-        exception = type(error).__name__
+
+        def dead_letter(value: bytes | None, why: str) -> None:
+            self._publisher.dead_letter(value, delivery.source, POISON_REASON, why, job_id,
+                                        exception=type(error).__name__, attempts=attempts)  # fmt: skip
+
         try:
-            self._publisher.dead_letter(delivery.value, delivery.source, POISON_REASON, message, job_id,
-                                        exception=exception, attempts=attempts)  # fmt: skip
+            dead_letter(delivery.value, message)
         except RecordRefused as refused:  # the record itself is what the broker will not take again
             message = f"{message}; the record could not be copied: {refused}"
-            self._publisher.dead_letter(None, delivery.source, POISON_REASON, message, job_id,
-                                        exception=exception, attempts=attempts)  # fmt: skip
+            dead_letter(None, message)
         self._recorder.job_finished(Status.FAILED.value, POISON_REASON)
         if job_id is None:
             return Outcome.COMMIT
         event = StatusEvent(job_id=job_id, status=Status.FAILED, correlation_id=caller.get("correlation_id"),
                             reason=POISON_REASON, message=message)  # fmt: skip
+        reply_to = caller.get("reply_to")
+        reply = (
+            ReplyAddress(reply_to, caller.get("reply_partition"), caller.get("correlation_id")) if reply_to else None
+        )
         try:
-            self._publisher.publish_durably(event, self._allowed_reply(caller))
+            self._publisher.publish_durably(event, self._allowed(reply))
             self._ledger.record_finished(job_id, Status.FAILED)
         except Exception as exc:  # the dead letter holds the record and the reason: move on
             log.warning("job.poison_answer_not_sent", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
         return Outcome.COMMIT
 
-    def _allowed_reply(self, caller: dict) -> ReplyAddress | None:
-        """The caller's reply address read from a record, if the policy lets answers go there."""
-        topic = caller.get("reply_to")
-        if topic is None or self._refused(topic, caller.get("reply_partition")):
-            return None
-        return ReplyAddress(topic, caller.get("reply_partition"), caller.get("correlation_id"))
+    def _allowed(self, reply: ReplyAddress | None) -> ReplyAddress | None:
+        """``reply`` when the policy lets answers go there, else None."""
+        return reply if reply is not None and self._refused(reply) is None else None
 
-    def _refused(self, topic: str, partition: int | None) -> str | None:
-        return self._replies.refusal(topic, partition) if self._replies is not None else None
+    def _refused(self, reply: ReplyAddress) -> str | None:
+        return self._replies.refusal(reply.topic, reply.partition) if self._replies is not None else None
 
     def _run_valid(self, job: Job, delivery: Delivery, control: JobControl) -> Outcome:
         reply = _reply_address(job)
-        if reply is not None and (refusal := self._refused(reply.topic, reply.partition)):
+        if reply is not None and (refusal := self._refused(reply)):
             log.warning("job.rejected", reason="bad_reply_to", error=refusal)
             self._publisher.dead_letter(delivery.value, delivery.source, "bad_reply_to", refusal, job.job_id)
             # Answered on the results topic only: the address it named is the problem.
@@ -394,11 +397,10 @@ class JobRunner:
                 reason=rejection.reason,
                 message=rejection.message,
             )
-            reply = self._allowed_reply(
-                {"reply_to": rejection.reply_to, "reply_partition": rejection.reply_partition,
-                 "correlation_id": rejection.correlation_id}
-            )  # fmt: skip
-            self._publisher.publish_durably(event, reply)
+            reply = None
+            if rejection.reply_to:
+                reply = ReplyAddress(rejection.reply_to, rejection.reply_partition, rejection.correlation_id)
+            self._publisher.publish_durably(event, self._allowed(reply))
         return Outcome.COMMIT
 
     def _answer(self, job: Job, reply: ReplyAddress | None, status: Status, **fields) -> Outcome:
