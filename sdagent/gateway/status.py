@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Status, StatusEvent
 from sdagent.kafka.clients import with_metadata_retries
-from sdagent.kafka.records import STATUS_HEADER, position
+from sdagent.kafka.records import STATUS_HEADER, header, position
 
 log = structlog.get_logger(__name__)
 
@@ -208,13 +208,11 @@ class StatusView:
 
 
 def _status_of(headers) -> Status | None:
-    for name, value in headers or ():
-        if name == STATUS_HEADER:
-            try:
-                return Status(value.decode())
-            except ValueError:
-                return None
-    return None
+    value = header(headers, STATUS_HEADER)
+    try:
+        return Status(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _parsed(entry: _Entry | None) -> StatusEvent | None:
