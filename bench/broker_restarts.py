@@ -16,6 +16,7 @@ import argparse
 import os
 import resource
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -49,10 +50,12 @@ def main() -> None:
                               jobs_partitions=6, backend={"step_latency_s": 0.01})  # fmt: skip
         settings = settings_from(config)
         ensure_topics(settings)
-        env = {"PYTHONFAULTHANDLER": "1"}
-        names = [f"agent-{i}" for i in range(args.agents)]
-        agents = {name: spawn_agent(config | {"agent": {**config["agent"], "instance_id": name}}, workdir, name, env)
-                  for name in names}  # fmt: skip
+
+        def start_agent(name: str) -> subprocess.Popen:
+            agent_config = config | {"agent": {**config["agent"], "instance_id": name}}
+            return spawn_agent(agent_config, workdir, name, {"PYTHONFAULTHANDLER": "1"})
+
+        agents = {name: start_agent(name) for name in (f"agent-{i}" for i in range(args.agents))}
         submitted: list[str] = []
         stop = threading.Event()
 
@@ -84,9 +87,7 @@ def main() -> None:
                 core = sorted(str(p) for p in Path(workdir).glob("core*"))
                 crashes.append({"cycle": cycle, "agent": name, "exit": code, "cores": core})
                 say(f"cycle {cycle}: {name} exited {code}; log tail:\n{agent_log_tail(workdir, name, 30)}")
-                agents[name] = spawn_agent(
-                    config | {"agent": {**config["agent"], "instance_id": name}}, workdir, name, env
-                )
+                agents[name] = start_agent(name)  # as systemd's Restart=on-failure would
             say(f"cycle {cycle + 1}/{args.cycles}: broker {'killed' if hard else 'restarted'}, "
                 f"{len(submitted)} jobs submitted, {len(crashes)} agent exits")  # fmt: skip
         stop.set()
