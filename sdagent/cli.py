@@ -274,13 +274,21 @@ def _topics_create(args: argparse.Namespace) -> int:
     from confluent_kafka.admin import AdminClient
 
     from sdagent.kafka.clients import admin_config
+    from sdagent.kafka.share_group import configure_share_group, share_group_settings
     from sdagent.kafka.topics import create_topics
 
     settings = _settings(args)
     configure_logging(settings.logging.format, settings.logging.level)
-    outcome = create_topics(AdminClient(admin_config(settings.kafka)), settings.topics, args.replication_factor)
+    admin = AdminClient(admin_config(settings.kafka))
+    share = settings.kafka.consumption == "share"
+    outcome = create_topics(admin, settings.topics, args.replication_factor, share=share)
     for name, state in outcome.items():
         print(f"{name}: {state}")
+    if share:
+        # Before any agent joins: a share group's default reset would skip the queued jobs.
+        configure_share_group(admin, settings.kafka.group_id, settings.kafka.share)
+        settings_text = ", ".join(f"{k}={v}" for k, v in share_group_settings(settings.kafka.share).items())
+        print(f"share group {settings.kafka.group_id}: {settings_text}")
     return ExitCode.OK
 
 

@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, StatusEvent
 from sdagent.kafka.acks import Deliveries
-from sdagent.kafka.clients import producer_config, reader_config, with_metadata_retries
+from sdagent.kafka.clients import reader_config, submitter_config, with_metadata_retries
 from sdagent.kafka.config import KafkaConfig, TopicsConfig
 from sdagent.kafka.records import job_headers, job_key
 
@@ -48,7 +48,7 @@ class Client:
     def __init__(self, kafka: KafkaConfig, topics: TopicsConfig, *, reply_partition: int | None = None) -> None:
         self._kafka = kafka
         self._topics = topics
-        self._producer = Producer(producer_config(kafka, "sdagent-client"))
+        self._producer = Producer(submitter_config(kafka, "sdagent-client"))
         self._reply_partition = reply_partition
         self._replies: _ReplyListener | None = None
         self._replies_lock = threading.Lock()

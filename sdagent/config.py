@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from sdagent.agent.config import AgentConfig, IdempotencyConfig, RetryConfig
@@ -65,6 +65,18 @@ class Settings(BaseModel):
     @classmethod
     def _backend_of_its_kind(cls, value: Any) -> BackendConfig:
         return parse_backend_config(value)
+
+    @model_validator(mode="after")
+    def _attempts_within_deliveries(self) -> Settings:
+        # A share group's delivery count is the attempt count: the last attempt must come before
+        # the delivery on which the agent gives a record up unrun.
+        limit = self.kafka.share.delivery_limit
+        if self.kafka.consumption == "share" and self.agent.record_attempts >= limit:
+            raise ValueError(
+                f"agent.record_attempts ({self.agent.record_attempts}) must be below "
+                f"kafka.share.delivery_limit ({limit}) when kafka.consumption is share"
+            )
+        return self
 
 
 class _FileAndEnvironment(BaseSettings, Settings):

@@ -21,7 +21,7 @@ import structlog
 from sdagent.agent.chores import Chores
 from sdagent.agent.config import AgentConfig
 from sdagent.agent.controls import Controls
-from sdagent.agent.intake import Intake
+from sdagent.agent.intake import JobIntake
 from sdagent.agent.runner import JobRunner
 from sdagent.agent.startup import Startup
 from sdagent.backends.base import Backend
@@ -48,7 +48,7 @@ class AgentParts:
     jobs_topic: str
     controls: Controls
     backend: Backend
-    intake: Intake
+    intake: JobIntake
     runner: JobRunner
     ledger: JobLedger
     publisher: StatusPublisher

@@ -16,14 +16,16 @@ from pathlib import Path
 import boto3
 import structlog
 from botocore.config import Config as BotoConfig
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, ShareConsumer
+from confluent_kafka.admin import AdminClient
 
 from sdagent.agent.affinity import HotModels
 from sdagent.agent.agent import Agent, AgentParts
 from sdagent.agent.chores import Chores
 from sdagent.agent.controls import Controls
-from sdagent.agent.intake import Intake
+from sdagent.agent.intake import Intake, JobIntake
 from sdagent.agent.runner import JobRunner
+from sdagent.agent.share_intake import ShareIntake
 from sdagent.agent.startup import Startup
 from sdagent.backends import registry
 from sdagent.backends.base import Backend
@@ -36,10 +38,18 @@ from sdagent.cache.serving import CachedModels
 from sdagent.cache.watch import ManifestWatcher
 from sdagent.config import Settings
 from sdagent.errors import ConfigError
-from sdagent.kafka.clients import jobs_consumer_config, ledger_reader_config, producer_config, reader_config
+from sdagent.kafka.clients import (
+    admin_config,
+    jobs_consumer_config,
+    ledger_reader_config,
+    producer_config,
+    reader_config,
+    share_consumer_config,
+)
 from sdagent.kafka.ledger import JobLedger
 from sdagent.kafka.publisher import StatusPublisher
 from sdagent.kafka.replies import ReplyPolicy, partitions_from
+from sdagent.kafka.share_group import ensure_share_group
 from sdagent.lifecycle.autoscaling import GroupMembership, LifecycleActions
 from sdagent.lifecycle.config import LifecycleConfig
 from sdagent.lifecycle.imds import ImdsClient, ImdsError, InstanceIdentity, endpoint_from_environment, instance_identity
@@ -70,6 +80,7 @@ def build_agent(
     backend: Backend | None = None,
     consumer_factory: Callable[[dict], Consumer] = Consumer,
     producer_factory: Callable[[dict], Producer] = Producer,
+    share_consumer_factory: Callable[[dict], ShareConsumer] = ShareConsumer,
 ) -> Agent:
     """The agent of ``settings``, not started; ``environ`` holds systemd's and IMDS's variables.
     ``backend`` replaces the configured one (tests)."""
@@ -104,18 +115,8 @@ def build_agent(
         backend_ready_wait_s=settings.backend.ready_timeout_s, recorder=metrics.jobs, models=cached,
         replies=ReplyPolicy(settings.topics, partitions_from(producer)),
     )  # fmt: skip
-    intake = Intake(
-        consumer_factory(jobs_consumer_config(settings.kafka, instance_id)),
-        settings.topics.jobs,
-        runner,
-        backend.interrupt,
-        controls,
-        read_ahead=settings.agent.read_ahead,
-        record_attempts=settings.agent.record_attempts,
-        record_retry_backoff_s=settings.agent.record_retry_backoff_s,
-        on_assignment=_follow_assignment(metrics, settings.topics.jobs),
-        loaded_model=lambda: runner.current_model,
-    )
+    intake = _build_intake(settings, instance_id, runner, backend, controls, metrics, publisher,
+                           consumer_factory, share_consumer_factory)  # fmt: skip
     ledger.on_cancel(intake.cancel)
     if supervisor is not None:
         # Intake follows the WebUI: held while it is down or restarting, resumed once it is back.
@@ -218,9 +219,7 @@ def build_agent_metrics(
     settings: Settings, instance_id: str, identity: InstanceIdentity | None, on_gpu_lost: Callable[[int, str], None]
 ) -> MetricsPublisher:
     """The metrics loop for this instance (not started); ``identity`` is IMDS's, or None off EC2."""
-    from confluent_kafka.admin import AdminClient
-
-    from sdagent.kafka.clients import admin_config, committed_reader_config
+    from sdagent.kafka.clients import committed_reader_config
     from sdagent.metrics.assembly import build_metrics
     from sdagent.metrics.dimensions import InstanceIdentity as MetricsIdentity
 
@@ -286,6 +285,48 @@ def _on_gpu_lost(controls: Controls, settings: Settings, instance_id: str) -> Ca
             AutoScalingHealth(_autoscaling_client(settings.lifecycle)).set_unhealthy(instance_id)
 
     return lost
+
+
+def _build_intake(
+    settings: Settings,
+    instance_id: str,
+    runner: JobRunner,
+    backend: Backend,
+    controls: Controls,
+    metrics: MetricsPublisher,
+    publisher: StatusPublisher,
+    consumer_factory: Callable[[dict], Consumer],
+    share_consumer_factory: Callable[[dict], ShareConsumer],
+) -> JobIntake:
+    agent = settings.agent
+    if settings.kafka.consumption == "share":
+        share = settings.kafka.share
+        return ShareIntake(
+            share_consumer_factory(share_consumer_config(settings.kafka, instance_id)),
+            [settings.topics.jobs],
+            runner,
+            backend.interrupt,
+            controls,
+            lock_duration_s=share.lock_duration_s,
+            delivery_limit=share.delivery_limit,
+            copy_back=publisher.copy_back,
+            record_attempts=agent.record_attempts,
+            prepare=lambda: ensure_share_group(
+                AdminClient(admin_config(settings.kafka)), settings.kafka.group_id, share
+            ),
+        )
+    return Intake(
+        consumer_factory(jobs_consumer_config(settings.kafka, instance_id)),
+        settings.topics.jobs,
+        runner,
+        backend.interrupt,
+        controls,
+        read_ahead=agent.read_ahead,
+        record_attempts=agent.record_attempts,
+        record_retry_backoff_s=agent.record_retry_backoff_s,
+        on_assignment=_follow_assignment(metrics, settings.topics.jobs),
+        loaded_model=lambda: runner.current_model,
+    )
 
 
 def _follow_assignment(metrics: MetricsPublisher, jobs_topic: str) -> Callable[[frozenset[tuple[str, int]]], None]:

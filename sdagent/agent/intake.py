@@ -13,18 +13,17 @@ A partition revoked or lost while its job runs takes the job back: the job is in
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
 
 from sdagent.agent.affinity import pick_next
 from sdagent.agent.controls import Controls
-from sdagent.agent.runner import JobControl, JobRunner, Outcome
+from sdagent.agent.runner import JobRunner, Outcome
+from sdagent.agent.slot import CrashCounts, JobSlot, Running
 from sdagent.errors import KafkaUnavailable
 from sdagent.kafka.records import Delivery, model_of, position
 
@@ -39,16 +38,24 @@ READ_AHEAD_BYTES = 8 * 1024 * 1024
 # How often the oldest held job may be passed over for one on the loaded model: bounds its wait
 # at this many jobs' run time (no switch among them), so affinity never starves a job.
 MAX_PASSED_OVER = 4
-MAX_REMEMBERED_CRASHES = 1024
 
 PartitionKey = tuple[str, int]
 
 
-@dataclass
-class _InFlight:
-    delivery: Delivery
-    control: JobControl
-    future: concurrent.futures.Future
+class JobIntake(Protocol):
+    """What the agent asks of an intake, partition-bound (:class:`Intake`) or share-group
+    (:class:`sdagent.agent.share_intake.ShareIntake`)."""
+
+    def start(self) -> None: ...
+    def step(self) -> None: ...
+    def release_inflight(self, why: str, timeout_s: float = REVOKE_WAIT_S) -> None: ...
+    def inflight_remaining_s(self) -> float | None: ...
+    def wait_idle(self, timeout_s: float) -> bool: ...
+    def close(self) -> None: ...
+    def cancel(self, job_id: str) -> None: ...
+    def abort_inflight(self, why: str, job_id: str | None = None) -> None: ...
+    @property
+    def busy(self) -> bool: ...
 
 
 class Intake:
@@ -72,21 +79,18 @@ class Intake:
         self._consumer = consumer
         self._jobs_topic = jobs_topic
         self._runner = runner
-        self._interrupt_backend = interrupt_backend
+        self._slot = JobSlot(runner, interrupt_backend)
         self._controls = controls
         self._read_ahead = read_ahead
         self._record_attempts = record_attempts
         self._record_retry_backoff_s = record_retry_backoff_s
-        # Records whose path raised, by record id: how often (bounded: the oldest are forgotten).
-        self._crashes: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._crashes = CrashCounts()
         # Partitions held back until a time, while their head record waits for its next try.
         self._blocked: dict[PartitionKey, float] = {}
         self._on_assignment = on_assignment or (lambda _assigned: None)
         self._loaded_model = loaded_model
         self._oldest_passed_over = 0  # times the job at the head of _held was passed over
         self._clock = clock
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdagent-job")
-        self._inflight: _InFlight | None = None
         # Records taken from Kafka but not yet run (fetched just before a pause, or to retry here).
         self._held: collections.deque[Delivery] = collections.deque()
         self._assigned: set[PartitionKey] = set()
@@ -96,7 +100,6 @@ class Intake:
         self._next_offsets: dict[PartitionKey, int] = {}  # per partition, the next record to read
         self._done_offsets: dict[PartitionKey, int] = {}  # answered, commit not yet accepted
         self._retry_at = 0.0
-        self._lock = threading.Lock()  # guards _inflight against other threads
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -108,12 +111,12 @@ class Intake:
 
     def step(self) -> None:
         """One turn of the loop: wait a little, poll, finish a done job, start the next one."""
-        inflight = self._inflight
-        if inflight is not None:
-            concurrent.futures.wait([inflight.future], timeout=IDLE_POLL_S)
+        running = self._slot.busy
+        if running:
+            self._slot.wait(IDLE_POLL_S)
         # Busy: something runs or could start now. Held records that all wait (a retry backoff, a
         # partition held back) leave the poll its idle wait, or the loop would spin until then.
-        busy = inflight is not None or self._can_start()
+        busy = running or self._can_start()
         # poll() returns as soon as one record is there; consume(n, timeout) would wait for n of
         # them or the whole timeout. The rest of what is already fetched comes without waiting.
         first = self._consumer.poll(0 if busy else IDLE_POLL_S)
@@ -128,37 +131,35 @@ class Intake:
 
     def release_inflight(self, why: str, timeout_s: float = REVOKE_WAIT_S) -> None:
         """Interrupt the running job and wait until it is handed back (or answered)."""
-        inflight = self._inflight
-        if inflight is None:
+        if not self._slot.busy:
             return
-        inflight.control.abort(why)
-        concurrent.futures.wait([inflight.future], timeout=timeout_s)
+        self._slot.abort(why)
+        self._slot.wait(timeout_s)
         self._finish_if_done()
 
     def inflight_remaining_s(self) -> float | None:
         """How long the running job still needs, from its progress; None when idle or unknown."""
-        inflight = self._inflight
-        return None if inflight is None else inflight.control.estimated_remaining_s()
+        return self._slot.remaining_s()
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Keep polling (so the group stays healthy) until no job runs, up to ``timeout_s``."""
         deadline = self._clock() + timeout_s
-        while self._inflight is not None and self._clock() < deadline:
+        while self._slot.busy and self._clock() < deadline:
             self.step()
-        return self._inflight is None
+        return not self._slot.busy
 
     def close(self) -> None:
         """Commit what is done, then leave the group at once so the partitions move now, not
         after a session timeout."""
         self._held.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._slot.shutdown()
         self._commit_done(asynchronous=False)
         self._consumer.close()
         log.info("intake.closed")
 
     @property
     def busy(self) -> bool:
-        return self._inflight is not None
+        return self._slot.busy
 
     def cancel(self, job_id: str) -> None:
         """Interrupt the running job if it is ``job_id`` (called from the ledger's reader thread)."""
@@ -167,11 +168,7 @@ class Intake:
     def abort_inflight(self, why: str, job_id: str | None = None) -> None:
         """Interrupt the running job (only if it is ``job_id``, when given); safe from any thread.
         The loop answers or hands it back on its next turn."""
-        with self._lock:
-            inflight = self._inflight
-            if inflight is not None and job_id in (None, inflight.control.job_id):
-                inflight.control.abort(why)
-                log.info("job.abort_requested", job_id=inflight.control.job_id, why=why)
+        self._slot.abort(why, job_id)
 
     # --- records -----------------------------------------------------------------------------
 
@@ -202,14 +199,12 @@ class Intake:
         self._next_offsets[key] = offset + 1
 
     def _start_next(self) -> None:
-        if self._inflight is not None or not self._can_start():
+        if self._slot.busy or not self._can_start():
             return
         delivery = self._next_held()
         if delivery is None:
             return
-        control = JobControl(None, self._interrupt_backend)
-        with self._lock:
-            self._inflight = _InFlight(delivery, control, self._executor.submit(self._runner.run, delivery, control))
+        self._slot.start(delivery)
         self._reconcile_pause()
 
     def _next_held(self) -> Delivery | None:
@@ -244,19 +239,18 @@ class Intake:
         return next((index for index, d in enumerate(self._held) if (d.topic, d.partition) not in self._blocked), None)
 
     def _finish_if_done(self) -> None:
-        inflight = self._inflight
-        if inflight is None or not inflight.future.done():
+        inflight = self._slot.take_finished()
+        if inflight is None:
             return
-        with self._lock:
-            self._inflight = None
         delivery = inflight.delivery
         key = (delivery.topic, delivery.partition)
+        outcome: Outcome | None
         try:
             outcome = inflight.future.result()
         except Exception as exc:  # whatever the record's path raised: bounded tries, then a dead letter
             outcome = self._after_crash(delivery, exc)
         if outcome in (Outcome.COMMIT, Outcome.RELEASED):
-            self._crashes.pop(delivery.record_id, None)
+            self._crashes.forget(delivery.record_id)
         if outcome is Outcome.COMMIT and key in self._assigned:
             self._commit(delivery)
         elif outcome is Outcome.RETRY_LATER and key in self._assigned:
@@ -267,19 +261,13 @@ class Intake:
     def _after_crash(self, delivery: Delivery, error: Exception) -> Outcome | None:
         """Try the record again later on its own partition (the others go on), or give it up once
         it raised ``record_attempts`` times. None: it waits, held, for its next try."""
-        attempts = self._crashes.pop(delivery.record_id, 0) + 1
+        attempts = self._crashes.add(delivery.record_id)
         if attempts >= self._record_attempts:
-            try:
-                return self._runner.poison(delivery, error, attempts)
-            except KafkaUnavailable as exc:  # not even the dead letter is durable: the broker is away
-                log.warning("intake.poison_not_durable", offset=delivery.offset, error=str(exc))
-                self._crashes[delivery.record_id] = attempts - 1  # give up with the next try
-                return Outcome.RETRY_LATER
-        log.error("intake.record_raised", offset=delivery.offset, partition=delivery.partition, attempt=attempts,
-                  of=self._record_attempts, error=f"{type(error).__name__}: {error}", exc_info=error)  # fmt: skip
-        self._crashes[delivery.record_id] = attempts
-        while len(self._crashes) > MAX_REMEMBERED_CRASHES:
-            self._crashes.popitem(last=False)
+            outcome = poison_or_retry_later(self._runner, delivery, error, attempts)
+            if outcome is Outcome.RETRY_LATER:
+                self._crashes.set(delivery.record_id, attempts - 1)  # given up with the next try
+            return outcome
+        log_record_raised(delivery, error, attempts, self._record_attempts)
         key = (delivery.topic, delivery.partition)
         if key in self._assigned:
             self._held.appendleft(delivery)
@@ -319,7 +307,7 @@ class Intake:
         if self._controls.held or self._clock() < self._retry_at:
             want_paused = True
         elif self._read_ahead == 0:
-            want_paused = self._inflight is not None or bool(self._held)
+            want_paused = self._slot.busy or bool(self._held)
         elif self._paused:
             # Resume once a quarter of the read-ahead is used up: the jobs still held then cover the
             # first fetch after resume, which waits for the fetch already at the broker (resuming
@@ -383,7 +371,7 @@ class Intake:
 
     def _give_back(self, partitions: list[TopicPartition], *, lost: bool) -> None:
         keys = {(tp.topic, tp.partition) for tp in partitions}
-        inflight = self._inflight
+        inflight = self._slot.running
         if inflight is not None and (inflight.delivery.topic, inflight.delivery.partition) in keys:
             self._settle_inflight_of_revoked(inflight, lost=lost)
         self._held = collections.deque(d for d in self._held if (d.topic, d.partition) not in keys)
@@ -398,15 +386,13 @@ class Intake:
         log.info("intake.revoked", lost=lost, partitions=sorted(p for _, p in keys), total=len(self._assigned))
         self._on_assignment(frozenset(self._assigned))
 
-    def _settle_inflight_of_revoked(self, inflight: _InFlight, *, lost: bool) -> None:
+    def _settle_inflight_of_revoked(self, inflight: Running, *, lost: bool) -> None:
         inflight.control.abort("revoked")
-        done, _ = concurrent.futures.wait([inflight.future], timeout=REVOKE_WAIT_S)
-        if not done:
+        if not self._slot.wait(REVOKE_WAIT_S):
             # Still running: its answer, if it comes, is recognised by job id on redelivery.
             log.error("intake.revoked_job_still_running", offset=inflight.delivery.offset)
             return
-        with self._lock:
-            self._inflight = None
+        self._slot.take_finished()
         outcome = inflight.future.result() if inflight.future.exception() is None else Outcome.RELEASED
         if outcome is Outcome.COMMIT and not lost:
             # Answered just before the revoke: commit now, while the partition is still ours.
@@ -416,3 +402,18 @@ class Intake:
 
 def _partitions(keys: set[PartitionKey]) -> list[TopicPartition]:
     return [TopicPartition(topic, partition) for topic, partition in sorted(keys)]
+
+
+def poison_or_retry_later(runner: JobRunner, delivery: Delivery, error: Exception, attempts: int) -> Outcome:
+    """Dead-letter a record that raised ``attempts`` times; RETRY_LATER when not even that is
+    durable (the broker is away): it is then tried once more later."""
+    try:
+        return runner.poison(delivery, error, attempts)
+    except KafkaUnavailable as exc:
+        log.warning("intake.poison_not_durable", offset=delivery.offset, error=str(exc))
+        return Outcome.RETRY_LATER
+
+
+def log_record_raised(delivery: Delivery, error: Exception, attempt: int, of: int) -> None:
+    log.error("intake.record_raised", offset=delivery.offset, partition=delivery.partition, attempt=attempt, of=of,
+              error=f"{type(error).__name__}: {error}", exc_info=error)  # fmt: skip

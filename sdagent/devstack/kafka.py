@@ -32,7 +32,7 @@ from sdagent.webui.process import set_parent_death_signal
 
 log = structlog.get_logger(__name__)
 
-KAFKA_VERSION = "4.1.1"
+KAFKA_VERSION = "4.4.0"
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 LOG_TAIL_LINES = 40
@@ -67,6 +67,13 @@ TEST_BROKER_SETTINGS = {
     "group.consumer.min.heartbeat.interval.ms": "500",
     "group.consumer.session.timeout.ms": "6000",
     "group.consumer.min.session.timeout.ms": "6000",
+    # Share groups (KIP-932): test-speed bounds, so tests may set group locks of a few seconds
+    # and a dead member's records come back within seconds (docs/share-groups.md).
+    "group.share.min.record.lock.duration.ms": "1000",
+    "group.share.heartbeat.interval.ms": "500",
+    "group.share.min.heartbeat.interval.ms": "500",
+    "group.share.session.timeout.ms": "6000",
+    "group.share.min.session.timeout.ms": "6000",
     "num.partitions": "1",
     "auto.create.topics.enable": "false",
     # Fewer threads: the defaults are sized for servers, not a 2-core test machine.

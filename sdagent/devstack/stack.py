@@ -24,11 +24,15 @@ from sdagent.config import Settings, load_settings
 from sdagent.devstack.kafka import die_with_parent
 from sdagent.errors import ExitCode
 from sdagent.kafka.clients import admin_config
-from sdagent.kafka.topics import create_topics
+from sdagent.kafka.share_group import configure_share_group
+from sdagent.kafka.topics import SHARE_JOBS_PARTITIONS, create_topics
 
 log = structlog.get_logger(__name__)
 
 DEMO_MODELS = ["sd15.safetensors", "sdxl-base.safetensors"]
+# The lock of a local share group: longer than any job of the demo or the tests, short enough
+# that a hung agent's job comes back within a test.
+SHARE_LOCK_S = 15.0
 
 
 def stack_config(
@@ -38,12 +42,19 @@ def stack_config(
     *,
     topic_prefix: str = "",
     jobs_partitions: int = 4,
+    consumption: str = "partition",
     **sections: dict,
 ) -> dict[str, Any]:
-    """Agent configuration (as TOML-shaped data) for a local stack; ``sections`` override parts."""
+    """Agent configuration (as TOML-shaped data) for a local stack; ``sections`` override parts.
+    ``consumption="share"``: the agents form a share group of their own (a group's configuration
+    is set before its first member joins)."""
+    kafka: dict[str, Any] = {"bootstrap_servers": bootstrap, "consumption": consumption}
+    if consumption == "share":
+        kafka["group_id"] = f"{topic_prefix}share-{uuid.uuid4().hex[:8]}"
+        kafka["share"] = {"lock_duration_s": SHARE_LOCK_S}
     config: dict[str, Any] = {
         "agent": {"instance_id": f"local-{uuid.uuid4().hex[:8]}", "progress_interval_s": 0.2},
-        "kafka": {"bootstrap_servers": bootstrap},
+        "kafka": kafka,
         "topics": {
             "jobs": f"{topic_prefix}jobs",
             "results": f"{topic_prefix}results",
@@ -51,7 +62,7 @@ def stack_config(
             "control": f"{topic_prefix}control",
             "replies": f"{topic_prefix}replies",
             "agents": f"{topic_prefix}agents",
-            "jobs_partitions": jobs_partitions,
+            "jobs_partitions": jobs_partitions if consumption == "partition" else SHARE_JOBS_PARTITIONS,
             "results_partitions": 2,
             "replies_partitions": 2,
             "replication_factor": 1,
@@ -78,7 +89,12 @@ def write_config(config: dict[str, Any], path: Path) -> Path:
 
 
 def ensure_topics(settings: Settings) -> None:
-    create_topics(AdminClient(admin_config(settings.kafka)), settings.topics, replication_factor=1)
+    """The stack's topics, and in share mode its share group's configuration."""
+    admin = AdminClient(admin_config(settings.kafka))
+    share = settings.kafka.consumption == "share"
+    create_topics(admin, settings.topics, replication_factor=1, share=share)
+    if share:
+        configure_share_group(admin, settings.kafka.group_id, settings.kafka.share)
 
 
 def local_aws_environment() -> dict[str, str]:

@@ -17,7 +17,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, Status, StatusEvent
-from sdagent.kafka.clients import producer_config
+from sdagent.kafka.clients import submitter_config
 from sdagent.kafka.config import KafkaConfig, TopicsConfig
 from sdagent.kafka.records import STATUS_HEADER, job_headers, job_key
 
@@ -35,7 +35,7 @@ class JobQueue:
     """Puts jobs on the jobs topic for the gateway; ``submit`` returns once they are durable."""
 
     def __init__(self, kafka: KafkaConfig, topics: TopicsConfig, gateway_id: str, *, delivery_timeout_s: float) -> None:
-        config = producer_config(kafka, f"sdagent-gateway-{gateway_id}")
+        config = submitter_config(kafka, f"sdagent-gateway-{gateway_id}")
         config.update({"linger.ms": LINGER_MS, "message.timeout.ms": int(delivery_timeout_s * 1000)})
         self._producer = Producer(config)
         self._topics = topics

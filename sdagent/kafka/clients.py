@@ -58,7 +58,7 @@ def _msk_iam(region: str) -> dict[str, Any]:
 
 
 def producer_config(kafka: KafkaConfig, client_id: str) -> dict[str, Any]:
-    """Results, replies, dead letters and job submissions: durable and in order, sent at once."""
+    """Results, replies and dead letters: durable and in order, sent at once."""
     return {
         **_base(kafka, client_id),
         # acks=all + idempotence: a result is durable before the job's offset is committed, and a
@@ -67,6 +67,17 @@ def producer_config(kafka: KafkaConfig, client_id: str) -> dict[str, Any]:
         "enable.idempotence": True,
         # A caller may be waiting for the answer: do not hold records back to batch them.
         "linger.ms": 0,
+    }
+
+
+def submitter_config(kafka: KafkaConfig, client_id: str) -> dict[str, Any]:
+    """Job submissions (client, gateway): as :func:`producer_config`, one job per batch."""
+    return {
+        **producer_config(kafka, client_id),
+        # A share group hands a whole producer batch to one consumer, which takes one job and
+        # hands the rest back, each hand-back a delivery (docs/share-groups.md). Under load
+        # librdkafka batches even with linger.ms=0; this costs a produce request per job.
+        "batch.num.messages": 1,
     }
 
 
@@ -95,6 +106,21 @@ def jobs_consumer_config(kafka: KafkaConfig, instance_id: str) -> dict[str, Any]
     if kafka.static_membership:
         config["group.instance.id"] = instance_id
     return config
+
+
+def share_consumer_config(kafka: KafkaConfig, instance_id: str) -> dict[str, Any]:
+    """The agent's member of the fleet's share group: one job taken per poll, settled explicitly."""
+    return {
+        **_base(kafka, f"sdagent-{instance_id}"),
+        "group.id": kafka.group_id,
+        # Accepted only once the answer is durable, released when taken back (docs/share-groups.md).
+        "share.acknowledgement.mode": "explicit",
+        # One job per poll (best effort: the broker hands over whole producer batches).
+        "max.poll.records": 1,
+        # No poll while a job runs (its record stays unacknowledged): the member must outlive the
+        # longest job, which the lock bounds.
+        "max.poll.interval.ms": int(max(300.0, kafka.share.lock_duration_s + 60.0) * 1000),
+    }
 
 
 def reader_config(kafka: KafkaConfig, purpose: str) -> dict[str, Any]:

@@ -9,6 +9,20 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from sdagent.jobs import TOPIC_PATTERN
 
 
+class ShareGroupConfig(BaseModel):
+    """The share group's settings (KIP-932), set by ``sdagent topics create`` and checked at start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # How long a job is the agent's before the broker hands it to another: longer than the
+    # longest job of the topics read, within the broker's group.share.min/max.record.lock.duration.ms
+    # (15 s..60 s by default; the max can be raised to 1 h).
+    lock_duration_s: float = Field(60.0, ge=1, le=3600)
+    # Deliveries before the broker archives a record silently (share.delivery.count.limit,
+    # 2..10): the agent dead-letters a record on its last delivery instead.
+    delivery_limit: int = Field(10, ge=2, le=10)
+
+
 class KafkaConfig(BaseModel):
     """How to reach the cluster and how the fleet shares the jobs topic."""
 
@@ -19,6 +33,11 @@ class KafkaConfig(BaseModel):
     # "consumer" is KIP-848 (Kafka >= 4.0 brokers): incremental, broker-side assignment, so a scale
     # event moves only the partitions that must move. "classic" falls back to cooperative-sticky.
     group_protocol: Literal["consumer", "classic"] = "consumer"
+    # "share": one share group (KIP-932, Kafka >= 4.2), any idle agent takes the next job.
+    # "partition": a consumer group, each agent runs its own partitions' jobs in order (brokers
+    # without share groups, e.g. Amazon MSK up to 4.0). docs/share-groups.md compares them.
+    consumption: Literal["share", "partition"] = "partition"
+    share: ShareGroupConfig = Field(default_factory=ShareGroupConfig)
     # Static membership keeps a vanished instance's partitions idle until its session times out:
     # good for in-place restarts, bad for spot instances that vanish; off by default (docs/kafka.md).
     static_membership: bool = False

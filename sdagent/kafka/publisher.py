@@ -127,6 +127,13 @@ class StatusPublisher:
         )
         self._await(deliveries, f"requeue of job {job.job_id}")
 
+    def copy_back(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        """Durably put a copy of a record, as it came, back on ``topic`` (a share group's record
+        that must go back with a fresh delivery count). Raises KafkaUnavailable or RecordRefused."""
+        deliveries = Deliveries()
+        self._produce(topic, None, key, value, [*headers, (REQUEUED_BY_HEADER, self._agent_id.encode())], deliveries)
+        self._await(deliveries, f"copy of a record back to {topic}")
+
     def flush(self, timeout_s: float) -> int:
         """Send what is queued; returns how many records are still undelivered."""
         return self._producer.flush(timeout_s)

@@ -15,6 +15,11 @@ log = structlog.get_logger(__name__)
 
 _HOUR_MS = 3600 * 1000
 LEADER_POLL_S = 0.1
+# A share group's members split a topic's partitions among them (each partition to at least one
+# member, each member to at least one partition, by hash): with fewer agents than partitions each
+# agent would read partitions no other agent reads, the head-of-line waits share groups remove.
+# One partition is read by every member; it carries 100 jobs/s with room to spare.
+SHARE_JOBS_PARTITIONS = 1
 
 
 @dataclass(frozen=True)
@@ -24,15 +29,19 @@ class TopicSpec:
     config: dict[str, str]
 
 
-def topic_specs(topics: TopicsConfig, replication_factor: int | None = None) -> list[TopicSpec]:
-    """What each topic needs: partitions from the fleet's size, retention from how long it is read."""
+def topic_specs(topics: TopicsConfig, replication_factor: int | None = None, *, share: bool = False) -> list[TopicSpec]:
+    """What each topic needs: partitions from the fleet's size, retention from how long it is read.
+    ``share``: the jobs topic is read by a share group (one partition unless configured)."""
+    jobs_partitions = topics.jobs_partitions
+    if share and "jobs_partitions" not in topics.model_fields_set:
+        jobs_partitions = SHARE_JOBS_PARTITIONS
     min_isr = str(max(1, min(2, (replication_factor or topics.replication_factor) - 1)))
 
     def retained(hours: float, **extra: str) -> dict[str, str]:
         return {"retention.ms": str(int(hours * _HOUR_MS)), "min.insync.replicas": min_isr, **extra}
 
     return [
-        TopicSpec(topics.jobs, topics.jobs_partitions, retained(topics.jobs_retention_h)),
+        TopicSpec(topics.jobs, jobs_partitions, retained(topics.jobs_retention_h)),
         TopicSpec(topics.results, topics.results_partitions, retained(topics.results_retention_h)),
         TopicSpec(topics.dead_letters, 1, retained(topics.dead_letters_retention_h)),
         # Every agent reads the whole control topic: one partition keeps that cheap.
@@ -53,11 +62,16 @@ def topic_specs(topics: TopicsConfig, replication_factor: int | None = None) -> 
 
 
 def create_topics(
-    admin: AdminClient, topics: TopicsConfig, replication_factor: int | None = None, timeout_s: float = 30.0
+    admin: AdminClient,
+    topics: TopicsConfig,
+    replication_factor: int | None = None,
+    timeout_s: float = 30.0,
+    *,
+    share: bool = False,
 ) -> dict[str, str]:
     """Create the missing topics; returns ``{name: "created" | "exists"}``. Raises KafkaException."""
     factor = replication_factor or topics.replication_factor
-    specs = topic_specs(topics, factor)
+    specs = topic_specs(topics, factor, share=share)
     futures = admin.create_topics(
         [NewTopic(s.name, num_partitions=s.partitions, replication_factor=factor, config=s.config) for s in specs],
         request_timeout=timeout_s,

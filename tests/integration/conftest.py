@@ -73,11 +73,28 @@ class Pipeline:
                 return events
 
 
+INTAKE_MODES = ("partition", "share")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``both_intakes`` runs once per intake mode (partition-bound, share group)."""
+    if "consumption" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_intakes"):
+        metafunc.parametrize("consumption", INTAKE_MODES, indirect=True)
+
+
 @pytest.fixture
-def pipeline(kafka_bootstrap, aws_endpoint, s3_bucket, topic_prefix, monkeypatch) -> Iterator[Pipeline]:
+def consumption(request: pytest.FixtureRequest) -> str:
+    """The intake mode of the test's agents: "partition" unless the test runs in both."""
+    return getattr(request, "param", "partition")
+
+
+@pytest.fixture
+def pipeline(kafka_bootstrap, aws_endpoint, s3_bucket, topic_prefix, consumption, monkeypatch) -> Iterator[Pipeline]:
     for name, value in local_aws_environment().items():
         monkeypatch.setenv(name, value)
-    config = stack_config(kafka_bootstrap, aws_endpoint, s3_bucket, topic_prefix=topic_prefix, jobs_partitions=2)
+    config = stack_config(
+        kafka_bootstrap, aws_endpoint, s3_bucket, topic_prefix=topic_prefix, jobs_partitions=2, consumption=consumption
+    )
     settings = settings_from(config)
     ensure_topics(settings)
     client = Client(settings.kafka, settings.topics)

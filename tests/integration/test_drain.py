@@ -6,6 +6,7 @@ import json
 import signal
 import time
 
+import pytest
 from test_failures import terminal_statuses
 from test_pipeline import job, wait_until
 
@@ -21,11 +22,20 @@ def start_process_agents(pipeline, tmp_path, names, **agent_settings):
             "backend": {**pipeline.config["backend"], "step_latency_s": 0.1},
         }
         processes[name] = spawn_agent(config, tmp_path, name)
+    if pipeline.settings.kafka.consumption == "share":
+        # Nothing is ever revoked in a share group: a job may go out once every agent consumes.
+        assert wait_until(lambda: all(logged(tmp_path, name, "agent.started") for name in names), timeout_s=60)
+        return processes
     # Jobs are submitted only once the group has settled: a job taken by the first member to join
     # and then moved to the second would be released "revoked", not by the drain under test.
     partitions = pipeline.settings.topics.jobs_partitions
     assert wait_until(lambda: held_partitions(tmp_path, names) == partitions, timeout_s=60)
     return processes
+
+
+def logged(tmp_path, name, event) -> bool:
+    path = tmp_path / f"{name}.log"
+    return path.exists() and f'"{event}"' in path.read_text()
 
 
 def held_partitions(tmp_path, names) -> int | None:
@@ -62,6 +72,7 @@ def stop_all(processes):
         process.wait(10)
 
 
+@pytest.mark.both_intakes
 def test_sigterm_releases_a_long_job_to_another_agent_answered_once(pipeline, tmp_path):
     processes = start_process_agents(pipeline, tmp_path, ["drain-a", "drain-b"], drain_timeout_s=4, drain_margin_s=1)
     try:
@@ -83,6 +94,7 @@ def test_sigterm_releases_a_long_job_to_another_agent_answered_once(pipeline, tm
         stop_all(processes)
 
 
+@pytest.mark.both_intakes
 def test_sigterm_lets_a_nearly_done_job_finish_first(pipeline, tmp_path):
     processes = start_process_agents(pipeline, tmp_path, ["finish-a"], drain_timeout_s=30, drain_margin_s=2)
     try:
@@ -98,6 +110,7 @@ def test_sigterm_lets_a_nearly_done_job_finish_first(pipeline, tmp_path):
         stop_all(processes)
 
 
+@pytest.mark.both_intakes
 def test_second_sigterm_releases_at_once(pipeline, tmp_path):
     processes = start_process_agents(pipeline, tmp_path, ["forced-a"], drain_timeout_s=60, drain_margin_s=1)
     try:

@@ -19,6 +19,7 @@ def terminal_statuses(events):
     return [e.status for e in events if e.status.is_terminal]
 
 
+@pytest.mark.both_intakes
 def test_agent_killed_mid_job_leaves_the_job_to_the_other_agent_answered_once(pipeline, tmp_path):
     slow = {"step_latency_s": 0.1}
     processes = {}
@@ -78,10 +79,15 @@ def own_broker():
         broker.cleanup()
 
 
-def test_broker_restart_while_jobs_flow_loses_and_repeats_nothing(own_broker, aws_endpoint, s3_bucket, monkeypatch):
+@pytest.mark.both_intakes
+def test_broker_restart_while_jobs_flow_loses_and_repeats_nothing(
+    own_broker, aws_endpoint, s3_bucket, consumption, monkeypatch
+):
     for name, value in local_aws_environment().items():
         monkeypatch.setenv(name, value)
-    config = stack_config(own_broker.bootstrap, aws_endpoint, s3_bucket, topic_prefix="restart.")
+    config = stack_config(
+        own_broker.bootstrap, aws_endpoint, s3_bucket, topic_prefix="restart.", consumption=consumption
+    )
     settings = settings_from(config)
     ensure_topics(settings)
     pipeline = Pipeline(settings, config, Client(settings.kafka, settings.topics))

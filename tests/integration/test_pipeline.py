@@ -8,6 +8,7 @@ import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from PIL import Image
 
 from sdagent.client import Client
@@ -26,6 +27,7 @@ def headers_of(message) -> dict[str, str]:
     return {name: value.decode() for name, value in message.headers() or ()}
 
 
+@pytest.mark.both_intakes
 def test_sync_job_succeeds_with_a_link_that_serves_the_image(pipeline):
     pipeline.start_agent()
     seen = []
@@ -56,6 +58,7 @@ def test_accepted_is_said_only_when_a_job_must_wait_before_it_starts(pipeline):
     assert on_another_model[:2] == [Status.ACCEPTED, Status.STARTED]  # the switch comes between them
 
 
+@pytest.mark.both_intakes
 def test_async_job_is_answered_on_the_results_topic(pipeline):
     pipeline.start_agent()
     queued = pipeline.client.submit(job(metadata={"order": 42}))
@@ -65,6 +68,7 @@ def test_async_job_is_answered_on_the_results_topic(pipeline):
     assert terminal[0].metadata == {"order": 42}
 
 
+@pytest.mark.both_intakes
 def test_poison_messages_go_to_the_dead_letter_topic_and_the_agent_carries_on(pipeline):
     pipeline.start_agent()
     pipeline.produce_raw(b"{this is not json")
@@ -94,6 +98,7 @@ def test_transient_backend_failures_are_retried_then_succeed(pipeline):
     assert agent.backend.faults.calls == 3
 
 
+@pytest.mark.both_intakes
 def test_a_job_failing_every_attempt_fails_and_is_dead_lettered(pipeline):
     agent = pipeline.start_agent(retry={"max_attempts": 3})
     agent.backend.faults.fail_next(10, transient=True)
@@ -127,6 +132,7 @@ def test_unknown_model_fails_with_a_clear_reason(pipeline):
     assert answer.status is Status.FAILED and answer.reason == "model_not_found"
 
 
+@pytest.mark.both_intakes
 def test_cancelling_a_running_job_interrupts_it(pipeline):
     agent = pipeline.start_agent(backend={"step_latency_s": 0.5})
     queued = pipeline.client.submit(job(job_id="long-running", steps=60))
@@ -138,6 +144,7 @@ def test_cancelling_a_running_job_interrupts_it(pipeline):
     assert time.monotonic() - started < 10  # 60 steps would take 30 s
 
 
+@pytest.mark.both_intakes
 def test_cancelling_a_queued_job_answers_it_without_running(pipeline):
     agent = pipeline.start_agent(backend={"step_latency_s": 0.2})
     # Both on one partition (same key routing is not needed: one agent runs one job at a time).
@@ -151,6 +158,7 @@ def test_cancelling_a_queued_job_answers_it_without_running(pipeline):
     assert [e.status for e in pipeline.events(blocker.job_id) if e.status.is_terminal] == [Status.SUCCEEDED]
 
 
+@pytest.mark.both_intakes
 def test_a_job_id_answered_before_is_not_run_again(pipeline):
     agent = pipeline.start_agent()
     first = pipeline.client.run(job(job_id="submitted-twice"), timeout_s=30)
@@ -171,10 +179,18 @@ def test_a_sync_caller_resubmitting_an_answered_job_is_told_at_once(pipeline):
     assert [e.status for e in pipeline.events("asked-twice") if e.status.is_terminal] == [Status.SUCCEEDED]
 
 
-def test_two_agents_share_the_work(pipeline):
+@pytest.mark.both_intakes
+def test_two_agents_share_the_work(pipeline, consumption):
     pipeline.start_agent(backend={"step_latency_s": 0.02})
     pipeline.start_agent(backend={"step_latency_s": 0.02})
-    assert wait_until(lambda: all(len(a.agent.intake._assigned) == 1 for a in pipeline.agents), timeout_s=30)
+    if consumption == "partition":
+        assert wait_until(lambda: all(len(a.agent.intake._assigned) == 1 for a in pipeline.agents), timeout_s=30)
+    else:  # a share group has no assignment to wait for: both members have joined once both answered
+        seen: set[str] = set()
+        assert wait_until(
+            lambda: seen.update({pipeline.client.run(job(steps=40), timeout_s=30).agent}) or len(seen) == 2,
+            timeout_s=60,
+        )
     answers, lock = [], threading.Lock()
     # One model for all: keyed by job id, so that both partitions (and agents) get some.
     client = Client(pipeline.settings.kafka, pipeline.settings.topics.model_copy(update={"jobs_key": "job_id"}))

@@ -45,6 +45,7 @@ def started_on(pipeline, job_ids, agent):
     return wait_until(seen, timeout_s=60)
 
 
+@pytest.mark.both_intakes
 def test_spot_notice_moves_the_running_job_and_every_job_succeeds_once(pipeline, tmp_path, imds):
     victim = spot_agent(pipeline, tmp_path, imds)
     try:
@@ -68,6 +69,7 @@ def test_spot_notice_moves_the_running_job_and_every_job_succeeds_once(pipeline,
         victim.wait(10)
 
 
+@pytest.mark.both_intakes
 def test_sigkill_during_a_spot_drain_still_loses_nothing(pipeline, tmp_path, imds):
     victim = spot_agent(pipeline, tmp_path, imds)
     try:
@@ -85,6 +87,7 @@ def test_sigkill_during_a_spot_drain_still_loses_nothing(pipeline, tmp_path, imd
         victim.wait(10)
 
 
+@pytest.mark.both_intakes
 def test_an_agent_restarting_under_a_spot_notice_takes_no_work(pipeline, tmp_path, imds):
     imds.spot("terminate", datetime.now(UTC) + timedelta(seconds=90))
     config = pipeline.config | {

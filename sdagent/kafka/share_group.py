@@ -1,0 +1,48 @@
+"""The share group's own configuration (KIP-932), set with the admin API.
+
+A share group starts reading at the log's end unless told otherwise (``share.auto.offset.reset``
+defaults to ``latest``): jobs queued before its first member joined would never run. So the reset,
+the lock and the delivery limit are set before any member joins, by ``sdagent topics create`` and
+again by every agent at start (a no-op when they are set; a warning when the agent may not).
+"""
+
+from __future__ import annotations
+
+import structlog
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+from sdagent.kafka.config import ShareGroupConfig
+
+log = structlog.get_logger(__name__)
+
+
+def share_group_settings(share: ShareGroupConfig) -> dict[str, str]:
+    return {
+        "share.auto.offset.reset": "earliest",
+        "share.record.lock.duration.ms": str(int(share.lock_duration_s * 1000)),
+        "share.delivery.count.limit": str(share.delivery_limit),
+    }
+
+
+def configure_share_group(admin: AdminClient, group: str, share: ShareGroupConfig, timeout_s: float = 10.0) -> None:
+    """Set the group's reset, lock and delivery limit. Raises KafkaException (the broker refused:
+    no share groups, a lock outside the broker's bounds, not authorised)."""
+    entries = [
+        ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET)
+        for name, value in share_group_settings(share).items()
+    ]
+    resource = ConfigResource(ResourceType.GROUP, group, incremental_configs=entries)
+    for future in admin.incremental_alter_configs([resource], request_timeout=timeout_s).values():
+        future.result(timeout=timeout_s)
+    log.info("share_group.configured", group=group, **share_group_settings(share))
+
+
+def ensure_share_group(admin: AdminClient, group: str, share: ShareGroupConfig) -> None:
+    """:func:`configure_share_group` at an agent's start: a refusal is logged, not raised, since
+    ``sdagent topics create`` may have set it with rights the agent lacks."""
+    try:
+        configure_share_group(admin, group, share)
+    except KafkaException as exc:
+        log.warning("share_group.not_configured", group=group, error=str(exc),
+                    hint="run `sdagent topics create` with rights to alter the group's configs")  # fmt: skip
