@@ -7,6 +7,7 @@ object of its figures as the last line of stdout (:func:`emit`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import psutil
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic
 
+from sdagent.client import Client
 from sdagent.devstack.kafka import KafkaBroker, broker_from_env
 from sdagent.devstack.moto import MotoServer, aws_client
 from sdagent.devstack.stack import local_aws_environment
@@ -184,6 +186,19 @@ def stop_agents(processes: Sequence[subprocess.Popen]) -> list[int | None]:
             process.kill()
             codes.append(process.wait())
     return codes
+
+
+def warm_up(client: Client, agents: int) -> None:
+    """Until each of ``agents`` running agents has answered a job: joined and warm (not measured)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + 120
+    with concurrent.futures.ThreadPoolExecutor(agents) as pool:
+        while len(seen) < agents and time.monotonic() < deadline:
+            jobs = [bench_job(steps=50, width=64, height=64) for _ in range(agents)]
+            seen.update(
+                answer.agent for answer in pool.map(lambda job: client.run(job, timeout_s=60), jobs) if answer.agent
+            )
+    time.sleep(2)
 
 
 def agent_log_tail(workdir: Path, name: str, lines: int = 20) -> str:

@@ -19,7 +19,6 @@ Usage: ``.venv/bin/python bench/fleet_queueing.py [--duration-s 120] [--load 0.7
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import heapq
 import math
 import random
@@ -28,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import Services, bench_job, emit, say, setup, stop_agents
+from common import Services, bench_job, emit, say, setup, stop_agents, warm_up
 from confluent_kafka import Consumer, TopicPartition
 
 from sdagent.client import Client
@@ -152,19 +151,6 @@ def run_case(case: Case, arrivals: list[Arrival], services: Services, workdir: P
     finally:
         stop_agents(agents)
     return figures(case, submitted, events)
-
-
-def warm_up(client: Client, agents: int) -> None:
-    """Let every agent join and load its model before the trace starts (not measured)."""
-    seen: set[str] = set()
-    deadline = time.monotonic() + 120
-    with concurrent.futures.ThreadPoolExecutor(agents) as pool:
-        while len(seen) < agents and time.monotonic() < deadline:
-            jobs = [bench_job(steps=50, width=64, height=64) for _ in range(agents)]
-            seen.update(
-                answer.agent for answer in pool.map(lambda job: client.run(job, timeout_s=60), jobs) if answer.agent
-            )
-    time.sleep(2)
 
 
 def figures(case: Case, submitted: dict[str, float], events: dict[str, list[StatusEvent]]) -> dict:

@@ -32,7 +32,7 @@ from sdagent.jobs import Job, StatusEvent
 from sdagent.kafka.acks import Deliveries
 from sdagent.kafka.clients import reader_config, submitter_config, with_metadata_retries
 from sdagent.kafka.config import KafkaConfig, TopicsConfig
-from sdagent.kafka.records import job_headers, job_key
+from sdagent.kafka.records import job_headers, job_key, jobs_topic_of
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +67,7 @@ class Client:
     def submit(self, job: Job | Mapping[str, Any]) -> Job:
         """Queue ``job`` and return it (with its job id) once the broker has it durably."""
         job = _as_job(job)
-        self._produce_durably(self._topics.jobs, job_key(job, self._topics), job.model_dump_json(exclude_none=True).encode(),
+        self._produce_durably(jobs_topic_of(job, self._topics), job_key(job, self._topics), job.model_dump_json(exclude_none=True).encode(),
                               job_headers(job))  # fmt: skip
         log.info("client.submitted", job_id=job.job_id)
         return job

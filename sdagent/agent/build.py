@@ -25,7 +25,7 @@ from sdagent.agent.chores import Chores
 from sdagent.agent.controls import Controls
 from sdagent.agent.intake import Intake, JobIntake
 from sdagent.agent.runner import JobRunner
-from sdagent.agent.share_intake import ShareIntake
+from sdagent.agent.share_intake import Lane, ShareIntake
 from sdagent.agent.startup import Startup
 from sdagent.backends import registry
 from sdagent.backends.base import Backend
@@ -49,7 +49,7 @@ from sdagent.kafka.clients import (
 from sdagent.kafka.ledger import JobLedger
 from sdagent.kafka.publisher import StatusPublisher
 from sdagent.kafka.replies import ReplyPolicy, partitions_from
-from sdagent.kafka.share_group import ensure_share_group
+from sdagent.kafka.share_group import PRIORITY_LANE, ensure_share_groups, lane_groups
 from sdagent.lifecycle.autoscaling import GroupMembership, LifecycleActions
 from sdagent.lifecycle.config import LifecycleConfig
 from sdagent.lifecycle.imds import ImdsClient, ImdsError, InstanceIdentity, endpoint_from_environment, instance_identity
@@ -300,21 +300,7 @@ def _build_intake(
 ) -> JobIntake:
     agent = settings.agent
     if settings.kafka.consumption == "share":
-        share = settings.kafka.share
-        return ShareIntake(
-            share_consumer_factory(share_consumer_config(settings.kafka, instance_id)),
-            [settings.topics.jobs],
-            runner,
-            backend.interrupt,
-            controls,
-            lock_duration_s=share.lock_duration_s,
-            delivery_limit=share.delivery_limit,
-            copy_back=publisher.copy_back,
-            record_attempts=agent.record_attempts,
-            prepare=lambda: ensure_share_group(
-                AdminClient(admin_config(settings.kafka)), settings.kafka.group_id, share
-            ),
-        )
+        return _share_intake(settings, instance_id, runner, backend, controls, publisher, share_consumer_factory)
     return Intake(
         consumer_factory(jobs_consumer_config(settings.kafka, instance_id)),
         settings.topics.jobs,
@@ -325,7 +311,42 @@ def _build_intake(
         record_attempts=agent.record_attempts,
         record_retry_backoff_s=agent.record_retry_backoff_s,
         on_assignment=_follow_assignment(metrics, settings.topics.jobs),
+        priority_topic=settings.topics.priority_jobs,
         loaded_model=lambda: runner.current_model,
+    )
+
+
+def _share_intake(
+    settings: Settings,
+    instance_id: str,
+    runner: JobRunner,
+    backend: Backend,
+    controls: Controls,
+    publisher: StatusPublisher,
+    share_consumer_factory: Callable[[dict], ShareConsumer],
+) -> ShareIntake:
+    share = settings.kafka.share
+    backend_config = settings.backend
+    if isinstance(backend_config, WebUIBackendConfig) and backend_config.job_timeout_s > share.lock_duration_s:
+        # A job past the lock goes to a second agent while it still runs (docs/share-groups.md).
+        log.warning("share_group.lock_shorter_than_job_timeout", lock_s=share.lock_duration_s,
+                    job_timeout_s=backend_config.job_timeout_s)  # fmt: skip
+    groups = lane_groups(settings.kafka.group_id)
+    topics = {PRIORITY_LANE: settings.topics.priority_jobs, "jobs": settings.topics.jobs}
+
+    def new_consumer(group: str) -> Callable[[], ShareConsumer]:
+        return lambda: share_consumer_factory(share_consumer_config(settings.kafka, instance_id, group))
+
+    return ShareIntake(
+        [Lane(name, topics[name], new_consumer(group)) for name, group in groups.items()],
+        runner,
+        backend.interrupt,
+        controls,
+        lock_duration_s=share.lock_duration_s,
+        delivery_limit=share.delivery_limit,
+        copy_back=publisher.copy_back,
+        record_attempts=settings.agent.record_attempts,
+        prepare=lambda: ensure_share_groups(AdminClient(admin_config(settings.kafka)), list(groups.values()), share),
     )
 
 

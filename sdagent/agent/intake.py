@@ -38,6 +38,9 @@ READ_AHEAD_BYTES = 8 * 1024 * 1024
 # How often the oldest held job may be passed over for one on the loaded model: bounds its wait
 # at this many jobs' run time (no switch among them), so affinity never starves a job.
 MAX_PASSED_OVER = 4
+# How many priority-lane jobs in a row may pass a waiting job of the jobs topic: bounds its wait
+# under a flood of priority jobs at this many jobs' run time.
+MAX_PRIORITY_STREAK = 8
 
 PartitionKey = tuple[str, int]
 
@@ -74,10 +77,13 @@ class Intake:
         record_retry_backoff_s: float = 1.0,
         on_assignment: Callable[[frozenset[PartitionKey]], None] | None = None,
         loaded_model: Callable[[], str | None] = lambda: None,
+        priority_topic: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._consumer = consumer
         self._jobs_topic = jobs_topic
+        self._priority_topic = priority_topic
+        self._priority_streak = 0  # priority-lane jobs started in a row while a jobs-topic one waited
         self._runner = runner
         self._slot = JobSlot(runner, interrupt_backend)
         self._controls = controls
@@ -104,10 +110,9 @@ class Intake:
     # --- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._consumer.subscribe(
-            [self._jobs_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
-        log.info("intake.subscribed", topic=self._jobs_topic)
+        topics = [self._jobs_topic] if self._priority_topic is None else [self._priority_topic, self._jobs_topic]
+        self._consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+        log.info("intake.subscribed", topics=topics)
 
     def step(self) -> None:
         """One turn of the loop: wait a little, poll, finish a done job, start the next one."""
@@ -208,6 +213,11 @@ class Intake:
         self._reconcile_pause()
 
     def _next_held(self) -> Delivery | None:
+        index = self._next_priority()
+        if index is not None:
+            delivery = self._held[index]
+            del self._held[index]
+            return delivery
         if self._blocked:  # affinity aside: the oldest of a partition not held back
             index = self._first_unblocked()
             if index is None:
@@ -223,6 +233,25 @@ class Intake:
         delivery = self._held[index]
         del self._held[index]
         return delivery
+
+    def _next_priority(self) -> int | None:
+        """Where the next job is when the priority lane decides: its oldest held job (of a
+        partition not held back), or, once ``MAX_PRIORITY_STREAK`` of them in a row passed a
+        waiting jobs-topic job, that job. None: no lane job waits, the usual choice applies."""
+        if self._priority_topic is None:
+            return None
+        self._first_unblocked()  # drops the backoffs that ran out
+        free = [i for i, d in enumerate(self._held) if (d.topic, d.partition) not in self._blocked]
+        lane = [i for i in free if self._held[i].topic == self._priority_topic]
+        others = [i for i in free if self._held[i].topic != self._priority_topic]
+        if not lane:
+            self._priority_streak = 0
+            return None
+        if others and self._priority_streak >= MAX_PRIORITY_STREAK:
+            self._priority_streak = 0
+            return others[0]
+        self._priority_streak = self._priority_streak + 1 if others else 0
+        return lane[0]
 
     def _can_start(self) -> bool:
         """A held record could start now: no hold, no retry wait, and one whose partition is not

@@ -18,6 +18,10 @@ records still unacknowledged is refused anyway). What it takes it settles one wa
   dead-lettered unrun, because the broker would drop it silently at its next release (it archives
   a record at the group's ``share.delivery.count.limit``).
 
+Each lane (the priority lane, then the jobs topic) is a share group of its own with one
+consumer per agent, polled in that order while idle; after ``MAX_PRIORITY_STREAK`` priority jobs
+in a row the jobs topic is polled first once, so a flood of priority jobs cannot starve it.
+
 The lock is not renewed (the Python client has no RENEW): a job that outruns it may start on a
 second agent, and the late ACCEPT is refused by the broker; both answers carry the same job id
 and the ledger keeps the first. Long kinds belong on a share group whose lock fits them
@@ -36,6 +40,7 @@ from confluent_kafka import AcknowledgeType, KafkaException, Message, ShareConsu
 from sdagent.agent.controls import Controls
 from sdagent.agent.intake import (
     IDLE_POLL_S,
+    MAX_PRIORITY_STREAK,
     RETRY_LATER_BACKOFF_S,
     REVOKE_WAIT_S,
     log_record_raised,
@@ -53,9 +58,39 @@ COMMIT_TIMEOUT_S = 10.0
 LOCK_MARGIN_S = 1.0
 
 
+@dataclass
+class Lane:
+    """One share group the agent takes jobs from: its topic and how to make its consumer.
+
+    Lanes are separate groups, not one group on several topics: a share group's assignor gives
+    each member one partition of the subscription (by hash) once members outnumber partitions,
+    so a member of a two-topic group would read one topic only."""
+
+    name: str
+    topic: str
+    new_consumer: Callable[[], ShareConsumer]
+    consumer: ShareConsumer | None = None  # None while out of the group (held, or closed)
+
+    def join(self) -> ShareConsumer:
+        self.consumer = self.new_consumer()
+        self.consumer.subscribe([self.topic])
+        log.info("intake.subscribed", topic=self.topic, lane=self.name, mode="share")
+        return self.consumer
+
+    def leave(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        if consumer is None:
+            return
+        try:
+            consumer.close()
+        except KafkaException as exc:  # the broker is away: the locks expire and the jobs go on
+            log.warning("intake.close_failed", lane=self.name, error=str(exc))
+
+
 @dataclass(frozen=True)
 class _Acquired:
     message: Message
+    lane: Lane
     deliveries: int  # the broker's delivery count, this one included
     at: float  # about when its lock started
 
@@ -68,8 +103,7 @@ class ShareIntake:
 
     def __init__(
         self,
-        consumer: ShareConsumer,
-        topics: Sequence[str],
+        lanes: Sequence[Lane],
         runner: JobRunner,
         interrupt_backend: Callable[[], None],
         controls: Controls,
@@ -81,9 +115,9 @@ class ShareIntake:
         prepare: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._consumer = consumer
-        self._prepare = prepare  # sets the group's configuration before this member joins
-        self._topics = list(topics)
+        self._lanes = list(lanes)  # the one taken from first first
+        self._lane_streak = 0  # jobs in a row from the first lane
+        self._prepare = prepare  # sets the groups' configuration before this member joins
         self._runner = runner
         self._slot = JobSlot(runner, interrupt_backend)
         self._controls = controls
@@ -102,8 +136,8 @@ class ShareIntake:
 
     def start(self) -> None:
         self._prepare()
-        self._consumer.subscribe(self._topics)
-        log.info("intake.subscribed", topics=self._topics, mode="share")
+        for lane in self._lanes:
+            lane.join()
 
     def step(self) -> None:
         """One turn: wait on the running job, settle it once done, take the next one when idle."""
@@ -116,9 +150,13 @@ class ShareIntake:
             self._start_waiting()
             return
         if self._controls.held:
-            time.sleep(IDLE_POLL_S)  # nothing is acquired while held: nothing waits on this agent
+            self._leave_while_held()
+            time.sleep(IDLE_POLL_S)
             return
-        self._take(self._poll())
+        for lane in self._lanes:
+            if lane.consumer is None:
+                lane.join()
+        self._take(*self._poll())
 
     def release_inflight(self, why: str, timeout_s: float = REVOKE_WAIT_S) -> None:
         """Interrupt the running job and wait until it is handed back (or answered)."""
@@ -144,11 +182,20 @@ class ShareIntake:
         self.release_inflight("stopping")
         self._slot.shutdown()
         self._finish_if_done()
-        try:
-            self._consumer.close()
-        except KafkaException as exc:  # the broker is away: the locks expire and the jobs go on
-            log.warning("intake.close_failed", error=str(exc))
+        for lane in self._lanes:
+            lane.leave()
         log.info("intake.closed", mode="share")
+
+    def _leave_while_held(self) -> None:
+        """Leave the group while intake is held (draining, WebUI down, GPU lost), and join again
+        once it is not. Measured: a share consumer whose last poll came back empty keeps its fetch
+        open and acquires the next job that arrives though nobody polls it, holding it from the
+        agents that could run it; one that is closed holds nothing (docs/share-groups.md)."""
+        if self._acquired or all(lane.consumer is None for lane in self._lanes):
+            return
+        log.info("intake.left_while_held", reason=self._controls.reason)
+        for lane in self._lanes:
+            lane.leave()
 
     @property
     def busy(self) -> bool:
@@ -162,15 +209,31 @@ class ShareIntake:
 
     # --- taking records ----------------------------------------------------------------------
 
-    def _poll(self) -> list[Message]:
+    def _poll(self) -> tuple[Lane, list[Message]]:
+        """Poll the lanes in order, the last one with the idle wait, until one brings records;
+        after ``MAX_PRIORITY_STREAK`` jobs in a row from the first lane, the others go first once."""
+        order = self._lanes
+        if self._lane_streak >= MAX_PRIORITY_STREAK:
+            order = self._lanes[1:] + self._lanes[:1]
+        for index, lane in enumerate(order):
+            messages = self._poll_lane(lane, IDLE_POLL_S if index == len(order) - 1 else 0.0)
+            if messages:
+                first = lane is self._lanes[0] and len(self._lanes) > 1
+                self._lane_streak = self._lane_streak + 1 if first else 0
+                return lane, messages
+        return self._lanes[-1], []
+
+    def _poll_lane(self, lane: Lane, timeout_s: float) -> list[Message]:
+        if lane.consumer is None:
+            return []
         try:
-            return list(self._consumer.poll(IDLE_POLL_S))
+            return list(lane.consumer.poll(timeout_s))
         except KafkaException as exc:  # broker away and the like: the client reconnects by itself
-            log.warning("intake.poll_failed", error=str(exc))
+            log.warning("intake.poll_failed", lane=lane.name, error=str(exc))
             time.sleep(IDLE_POLL_S)
             return []
 
-    def _take(self, messages: list[Message]) -> None:
+    def _take(self, lane: Lane, messages: list[Message]) -> None:
         records = []
         for message in messages:
             error = message.error()
@@ -181,7 +244,7 @@ class ShareIntake:
                 records.append(message)
         if not records:
             return
-        deliveries = [self._acquire(message) for message in records]
+        deliveries = [self._acquire(lane, message) for message in records]
         delivery, extras = deliveries[0], deliveries[1:]
         if extras:
             # The broker hands over whole producer batches: give the rest back at once.
@@ -189,16 +252,16 @@ class ShareIntake:
             for extra in extras:
                 self._give_back(extra)
                 del self._acquired[extra.record_id]
-            self._commit()
+            self._commit(lane)
         count = self._acquired[delivery.record_id].deliveries
         if count >= self._delivery_limit:
             self._settle(delivery, self._give_up(delivery, count))
             return
         self._slot.start(delivery)
 
-    def _acquire(self, message: Message) -> Delivery:
+    def _acquire(self, lane: Lane, message: Message) -> Delivery:
         delivery = self._delivery(message)
-        self._acquired[delivery.record_id] = _Acquired(message, message.delivery_count() or 1, self._clock())
+        self._acquired[delivery.record_id] = _Acquired(message, lane, message.delivery_count() or 1, self._clock())
         return delivery
 
     def _delivery(self, message: Message) -> Delivery:
@@ -251,8 +314,8 @@ class ShareIntake:
             self._acknowledge(delivery, AcknowledgeType.ACCEPT)
         else:
             self._give_back(delivery)
-        failed = self._commit()
         acquired = self._acquired.pop(delivery.record_id, None)
+        failed = self._commit(acquired.lane) if acquired else "not acquired here"
         if failed and outcome is Outcome.COMMIT:
             held_s = None if acquired is None else round(self._clock() - acquired.at, 1)
             # Its lock ran out (or the broker restarted): another agent may run it again; the
@@ -302,15 +365,21 @@ class ShareIntake:
         self._acknowledge(delivery, AcknowledgeType.ACCEPT)
 
     def _acknowledge(self, delivery: Delivery, kind: AcknowledgeType) -> None:
+        acquired = self._acquired.get(delivery.record_id)
+        consumer = acquired.lane.consumer if acquired else None
+        if consumer is None:  # left the group: the broker has taken the record back
+            return
         try:
-            self._consumer.acknowledge_offset(delivery.topic, delivery.partition, delivery.offset, kind)
+            consumer.acknowledge_offset(delivery.topic, delivery.partition, delivery.offset, kind)
         except Exception as exc:  # no longer in flight (lock expired, member fenced): the broker decides
             log.warning("intake.acknowledge_failed", offset=delivery.offset, error=str(exc))
 
-    def _commit(self) -> str | None:
-        """Send the acknowledgements; the first refusal, as text, or None when all were taken."""
+    def _commit(self, lane: Lane) -> str | None:
+        """Send the lane's acknowledgements; the first refusal, as text, or None when all were taken."""
+        if lane.consumer is None:
+            return "not in the group"
         try:
-            results = self._consumer.commit_sync(COMMIT_TIMEOUT_S)
+            results = lane.consumer.commit_sync(COMMIT_TIMEOUT_S)
         except KafkaException as exc:
             return str(exc)
         refusals = [str(error) for error in results.values() if error is not None]

@@ -19,7 +19,7 @@ from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, Status, StatusEvent
 from sdagent.kafka.clients import submitter_config
 from sdagent.kafka.config import KafkaConfig, TopicsConfig
-from sdagent.kafka.records import STATUS_HEADER, job_headers, job_key
+from sdagent.kafka.records import STATUS_HEADER, job_headers, job_key, jobs_topic_of
 
 log = structlog.get_logger(__name__)
 
@@ -53,7 +53,7 @@ class JobQueue:
                              correlation_id=job.correlation_id)  # fmt: skip
         deliveries = [loop.create_future(), loop.create_future()]
         try:
-            self._producer.produce(self._topics.jobs, key=job_key(job, self._topics),
+            self._producer.produce(jobs_topic_of(job, self._topics), key=job_key(job, self._topics),
                                    value=job.model_dump_json(exclude_none=True).encode(), headers=job_headers(job),
                                    on_delivery=_resolver(loop, deliveries[0]))  # fmt: skip
             self._producer.produce(self._topics.results, key=job.job_id.encode(), value=queued.to_bytes(),

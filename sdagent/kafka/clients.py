@@ -99,6 +99,11 @@ def jobs_consumer_config(kafka: KafkaConfig, instance_id: str) -> dict[str, Any]
         # fetch.wait.max.ms stays at its default (500): measured with librdkafka 2.16, a lower value
         # delays the first fetch after resume() by ~800 ms (bench/pipeline.py shows it).
     }
+    if kafka.group_protocol == "consumer":
+        # Range assigns each topic's partitions over the members on its own, so every member holds
+        # jobs-topic partitions and priority-lane partitions alike; "uniform" balances the count
+        # over both topics, and one member could hold only the lane (docs/delivery.md#priority).
+        config.setdefault("group.remote.assignor", "range")
     if kafka.group_protocol == "classic":
         # Incremental rebalancing: a scale event moves only the partitions that must move
         # (kafka.client_config may choose another assignor).
@@ -108,11 +113,12 @@ def jobs_consumer_config(kafka: KafkaConfig, instance_id: str) -> dict[str, Any]
     return config
 
 
-def share_consumer_config(kafka: KafkaConfig, instance_id: str) -> dict[str, Any]:
-    """The agent's member of the fleet's share group: one job taken per poll, settled explicitly."""
+def share_consumer_config(kafka: KafkaConfig, instance_id: str, group_id: str) -> dict[str, Any]:
+    """The agent's member of one of the fleet's share groups: one job taken per poll, settled
+    explicitly."""
     return {
         **_base(kafka, f"sdagent-{instance_id}"),
-        "group.id": kafka.group_id,
+        "group.id": group_id,
         # Accepted only once the answer is durable, released when taken back (docs/share-groups.md).
         "share.acknowledgement.mode": "explicit",
         # One job per poll (best effort: the broker hands over whole producer batches).
@@ -120,6 +126,10 @@ def share_consumer_config(kafka: KafkaConfig, instance_id: str) -> dict[str, Any
         # No poll while a job runs (its record stays unacknowledged): the member must outlive the
         # longest job, which the lock bounds.
         "max.poll.interval.ms": int(max(300.0, kafka.share.lock_duration_s + 60.0) * 1000),
+        # A consumer whose poll came back empty keeps its fetch open this long and acquires what
+        # arrives meanwhile, even once the agent has taken a job from its other lane: no longer
+        # than the intake's idle poll (0.1 s), so nothing is acquired after the poll returned.
+        "fetch.wait.max.ms": 100,
     }
 
 

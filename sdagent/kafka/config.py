@@ -54,6 +54,10 @@ class TopicsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     jobs: str = Field("sdagent.jobs", pattern=TOPIC_PATTERN)
+    # The priority lane: jobs with priority > 0 go here, and agents take from it first (with a
+    # bound on how many lane jobs pass a waiting job of the jobs topic). docs/delivery.md#priority.
+    # Default: the jobs topic's name + ".priority", so renaming one renames both.
+    priority_jobs: str = Field("", pattern=f"^$|{TOPIC_PATTERN}")
     results: str = Field("sdagent.results", pattern=TOPIC_PATTERN)
     dead_letters: str = Field("sdagent.dead-letters", pattern=TOPIC_PATTERN)
     control: str = Field("sdagent.control", pattern=TOPIC_PATTERN)
@@ -82,11 +86,25 @@ class TopicsConfig(BaseModel):
     @property
     def fleet_topics(self) -> frozenset[str]:
         """The topics the fleet itself reads or writes (never a caller's reply address)."""
-        return frozenset({self.jobs, self.results, self.dead_letters, self.control, self.agents})
+        return frozenset({self.jobs, self.priority_jobs, self.results, self.dead_letters, self.control, self.agents})
+
+    @property
+    def job_lanes(self) -> list[str]:
+        """The topics agents take jobs from, the one they take from first first."""
+        return [self.priority_jobs, self.jobs]
+
+    @model_validator(mode="after")
+    def _priority_lane_named(self) -> TopicsConfig:
+        if not self.priority_jobs:
+            if len(self.jobs) > 240:
+                raise ValueError("jobs is too long to name the priority lane after it: set priority_jobs")
+            self.priority_jobs = f"{self.jobs}.priority"
+        return self
 
     @model_validator(mode="after")
     def _distinct_names(self) -> TopicsConfig:
-        names = [self.jobs, self.results, self.dead_letters, self.control, self.replies, self.agents]
+        names = [self.jobs, self.priority_jobs, self.results, self.dead_letters, self.control, self.replies,
+                 self.agents]  # fmt: skip
         if len(set(names)) != len(names):
             raise ValueError("topic names must all differ")
         if own := sorted(self.fleet_topics & set(self.reply_topics)):

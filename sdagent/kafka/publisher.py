@@ -34,6 +34,7 @@ from sdagent.kafka.records import (
     SourceRecord,
     job_headers,
     job_key,
+    jobs_topic_of,
 )
 
 log = structlog.get_logger(__name__)
@@ -118,7 +119,7 @@ class StatusPublisher:
         """Durably put ``job`` back on the jobs topic, keyed as a caller's submission is."""
         deliveries = Deliveries()
         self._produce(
-            self._topics.jobs,
+            jobs_topic_of(job, self._topics),
             None,
             job_key(job, self._topics),
             job.model_dump_json(exclude_none=True).encode(),

@@ -42,13 +42,24 @@ ERROR_HEADER_MAX_BYTES = 4096
 
 
 class KeyLayout(Protocol):
-    """How jobs are keyed on the jobs topic (``TopicsConfig`` has these fields)."""
+    """Where jobs go and how they are keyed (``TopicsConfig`` has these fields)."""
+
+    @property
+    def jobs(self) -> str: ...
+
+    @property
+    def priority_jobs(self) -> str: ...
 
     @property
     def jobs_key(self) -> str: ...
 
     @property
     def model_lanes(self) -> int: ...
+
+
+def jobs_topic_of(job: Job, layout: KeyLayout) -> str:
+    """The lane ``job`` is queued on: the priority lane for a priority above 0."""
+    return layout.priority_jobs if job.priority > 0 else layout.jobs
 
 
 def job_key(job: Job, layout: KeyLayout) -> bytes:

@@ -17,6 +17,14 @@ from sdagent.kafka.config import ShareGroupConfig
 log = structlog.get_logger(__name__)
 
 
+PRIORITY_LANE = "priority"
+
+
+def lane_groups(kafka_group: str) -> dict[str, str]:
+    """The share group of each lane, by lane name, the one taken from first first."""
+    return {PRIORITY_LANE: f"{kafka_group}.{PRIORITY_LANE}", "jobs": kafka_group}
+
+
 def share_group_settings(share: ShareGroupConfig) -> dict[str, str]:
     return {
         "share.auto.offset.reset": "earliest",
@@ -38,11 +46,12 @@ def configure_share_group(admin: AdminClient, group: str, share: ShareGroupConfi
     log.info("share_group.configured", group=group, **share_group_settings(share))
 
 
-def ensure_share_group(admin: AdminClient, group: str, share: ShareGroupConfig) -> None:
-    """:func:`configure_share_group` at an agent's start: a refusal is logged, not raised, since
-    ``sdagent topics create`` may have set it with rights the agent lacks."""
-    try:
-        configure_share_group(admin, group, share)
-    except KafkaException as exc:
-        log.warning("share_group.not_configured", group=group, error=str(exc),
-                    hint="run `sdagent topics create` with rights to alter the group's configs")  # fmt: skip
+def ensure_share_groups(admin: AdminClient, groups: list[str], share: ShareGroupConfig) -> None:
+    """:func:`configure_share_group` for each group at an agent's start: a refusal is logged, not
+    raised, since ``sdagent topics create`` may have set them with rights the agent lacks."""
+    for group in groups:
+        try:
+            configure_share_group(admin, group, share)
+        except KafkaException as exc:
+            log.warning("share_group.not_configured", group=group, error=str(exc),
+                        hint="run `sdagent topics create` with rights to alter the group's configs")  # fmt: skip

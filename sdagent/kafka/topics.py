@@ -42,6 +42,7 @@ def topic_specs(topics: TopicsConfig, replication_factor: int | None = None, *, 
 
     return [
         TopicSpec(topics.jobs, jobs_partitions, retained(topics.jobs_retention_h)),
+        TopicSpec(topics.priority_jobs, jobs_partitions, retained(topics.jobs_retention_h)),
         TopicSpec(topics.results, topics.results_partitions, retained(topics.results_retention_h)),
         TopicSpec(topics.dead_letters, 1, retained(topics.dead_letters_retention_h)),
         # Every agent reads the whole control topic: one partition keeps that cheap.

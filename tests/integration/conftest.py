@@ -34,6 +34,10 @@ class Pipeline:
         self.agents.append(agent)
         return agent
 
+    def jobs_partitions_held(self, agent: AgentThread) -> int:
+        """Partitions of the jobs topic (not the priority lane) a partition-mode agent holds."""
+        return sum(topic == self.settings.topics.jobs for topic, _ in agent.agent.intake._assigned)
+
     def produce_raw(self, value: bytes | None, key: bytes | None = None) -> None:
         producer = Producer({"bootstrap.servers": self.settings.kafka.bootstrap_servers})
         producer.produce(self.settings.topics.jobs, value=value, key=key)

@@ -24,7 +24,7 @@ def job(model: str = "sd15.safetensors", **fields) -> dict:
 def test_a_models_jobs_stay_with_one_agent(pipeline):
     for _ in range(2):
         pipeline.start_agent()
-    assert wait_until(lambda: all(len(a.agent.intake._assigned) == 1 for a in pipeline.agents), timeout_s=30)
+    assert wait_until(lambda: all(pipeline.jobs_partitions_held(a) == 1 for a in pipeline.agents), timeout_s=30)
     client = Client(
         pipeline.settings.kafka, pipeline.settings.topics.model_copy(update={"jobs_key": "model", "model_lanes": 1})
     )

@@ -27,9 +27,33 @@ def test_topics_create_makes_every_topic_once(kafka_bootstrap, topic_prefix, tmp
     )
     first = sdagent("topics", "create", "--config", str(config), "--replication-factor", "1")
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count(": created") == 6  # jobs, results, dead letters, control, replies, agents
+    # jobs, the priority lane, results, dead letters, control, replies, agents
+    assert first.stdout.count(": created") == 7
+    assert f"{topic_prefix}jobs.priority: created" in first.stdout
     again = sdagent("topics", "create", "--config", str(config), "--replication-factor", "1")
-    assert again.stdout.count(": exists") == 6
+    assert again.stdout.count(": exists") == 7
+
+
+def test_topics_create_in_share_mode_configures_both_share_groups(kafka_bootstrap, topic_prefix, tmp_path):
+    from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+
+    from sdagent.devstack.stack import stack_config
+
+    settings = stack_config(kafka_bootstrap, "http://unused", "bucket", topic_prefix=topic_prefix, consumption="share")
+    config = write_config(settings, tmp_path / "sdagent.toml")
+    made = sdagent("topics", "create", "--config", str(config), "--replication-factor", "1")
+    assert made.returncode == 0, made.stderr
+    group = settings["kafka"]["group_id"]
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for name in (group, f"{group}.priority"):
+        assert f"share group {name}: share.auto.offset.reset=earliest" in made.stdout
+        (future,) = admin.describe_configs([ConfigResource(ResourceType.GROUP, name)]).values()
+        entries = future.result(10)
+        assert entries["share.auto.offset.reset"].value == "earliest"
+        assert entries["share.record.lock.duration.ms"].value == "15000"
+        assert entries["share.delivery.count.limit"].value == "10"
+    metadata = admin.list_topics(timeout=10)
+    assert len(metadata.topics[f"{topic_prefix}jobs"].partitions) == 1  # every member reads it
 
 
 def test_submit_waits_and_prints_the_answer_as_json(pipeline, tmp_path):

@@ -184,7 +184,7 @@ def test_two_agents_share_the_work(pipeline, consumption):
     pipeline.start_agent(backend={"step_latency_s": 0.02})
     pipeline.start_agent(backend={"step_latency_s": 0.02})
     if consumption == "partition":
-        assert wait_until(lambda: all(len(a.agent.intake._assigned) == 1 for a in pipeline.agents), timeout_s=30)
+        assert wait_until(lambda: all(pipeline.jobs_partitions_held(a) == 1 for a in pipeline.agents), timeout_s=30)
     else:  # a share group has no assignment to wait for: both members have joined once both answered
         seen: set[str] = set()
         assert wait_until(
@@ -238,3 +238,16 @@ def test_uploads_failing_every_attempt_fail_the_job_into_the_dead_letter_topic(p
     assert answer.status is Status.FAILED and answer.reason == "output_unavailable"
     (letter,) = pipeline.read(pipeline.settings.topics.dead_letters, 1)
     assert headers_of(letter)["sdagent-job-id"] == "upload-never-lands"
+
+
+@pytest.mark.both_intakes
+def test_a_priority_job_overtakes_a_backlog(pipeline):
+    agent = pipeline.start_agent(backend={"step_latency_s": 0.02})
+    assert pipeline.client.run(job(steps=1), timeout_s=60).status is Status.SUCCEEDED  # joined, warm
+    backlog = [pipeline.client.submit(job(job_id=f"backlog-{i}", steps=10)).job_id for i in range(20)]
+    urgent = pipeline.client.submit(job(job_id="urgent", priority=5, steps=10)).job_id
+    assert [e.status for e in pipeline.events(urgent) if e.status.is_terminal] == [Status.SUCCEEDED]
+    finished_before = agent.backend.faults.calls - 2  # the warm-up job and the urgent one
+    assert finished_before < len(backlog) // 2, f"{finished_before} backlog jobs ran first"
+    for job_id in backlog:
+        assert [e.status for e in pipeline.events(job_id) if e.status.is_terminal] == [Status.SUCCEEDED]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 
 import pytest
 from confluent_kafka import Producer
@@ -118,3 +119,20 @@ def test_more_agents_than_partitions_all_get_work(pipeline):
             thread.join()
     assert all(a.status is Status.SUCCEEDED for a in answers) and len(answers) == 18
     assert {a.agent for a in answers} == {"agent-0", "agent-1", "agent-2"}
+
+
+def test_a_held_agent_leaves_the_group_and_holds_no_job_back(pipeline):
+    held = pipeline.start_agent()
+    pipeline.start_agent()
+    seen: set[str] = set()
+    assert wait_until(lambda: seen.update({pipeline.client.run(job(steps=40), timeout_s=30).agent}) or len(seen) == 2,
+                      timeout_s=60)  # fmt: skip
+    held.agent.controls.hold("backend_down")  # as when its WebUI is down
+    # Its consumer polled an empty topic last: left open, its fetch would take the next job.
+    assert wait_until(lambda: all(lane.consumer is None for lane in held.agent.intake._lanes), timeout_s=10)
+    started = time.monotonic()
+    answers = [pipeline.client.run(job(steps=4), timeout_s=10) for _ in range(3)]
+    assert {a.agent for a in answers} == {"agent-1"} and all(a.status is Status.SUCCEEDED for a in answers)
+    assert time.monotonic() - started < 10  # none waited for a lock to run out (15 s)
+    held.agent.controls.unhold("backend_down")
+    assert wait_until(lambda: all(lane.consumer is not None for lane in held.agent.intake._lanes), timeout_s=10)

@@ -19,6 +19,7 @@ SAMPLE_PARAMETERS = {
     "KafkaBootstrapServers": "b-1.example:9098,b-2.example:9098",
     "ConsumerGroup": "sdagent",
     "JobsTopic": "sdagent.jobs",
+    "Consumption": "share",
     "OutputsBucket": "example-outputs",
     "OutputsPrefix": "outputs",
     "AWS::Region": "us-east-1",

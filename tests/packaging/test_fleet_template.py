@@ -132,7 +132,7 @@ def test_the_settings_the_launch_templates_write_are_ones_the_agent_accepts(monk
     lines = set(re.findall(r"(SDAGENT_[A-Z_]+)=([^\s\"'{][^\s\"']*)", text))
     lines |= set(re.findall(r"'(SDAGENT_[A-Z_]+)=(\{[^']*\})'", text))  # the JSON client configs
     placeholders = {"${AWS::Region}": "eu-west-1", "${AWS::StackName}": "fleet", "${KafkaBootstrapServers}":
-                    "b-1.msk.example:9098", "${ConsumerGroup}": "sdagent", "${JobsTopic}": "sdagent.jobs",
+                    "b-1.msk.example:9098", "${ConsumerGroup}": "sdagent", "${JobsTopic}": "sdagent.jobs", "${Consumption}": "share",
                     "${OutputsBucket}": "outputs-bucket", "${OutputsPrefix}": "outputs",
                     "${CloudFrontDomain}": "d1.cloudfront.net"}  # fmt: skip
     chosen = {"plaintext": set(), "tls": {"SDAGENT_KAFKA__CLIENT_CONFIG"}, "msk-iam": {"SDAGENT_KAFKA__MSK_IAM_REGION"}}
