@@ -2,10 +2,10 @@
 
 Two `sdagent run` agents, A and B, on the simulated backend. A job of ~10 s starts on one of
 them; the bench sends that agent SIGTERM with a drain budget shorter than the job, so it
-releases the job and leaves; the other, already running and idle, takes it. Measured from the
-``released`` answer to the next ``started`` of the same job (the agents' own event timestamps,
-same machine clock), several rounds per intake mode, a fresh victim each round. CPU figures,
-no GPU.
+releases the job (queues it again, answers ``released``) and leaves; the other, already running
+and idle, takes it. Measured from the draining agent's ``job.released`` log line (written before
+the job is queued again) to the ``started`` event of the other agent (same machine clock),
+several rounds per intake mode, a fresh victim each round. CPU figures, no GPU.
 
 Usage: ``.venv/bin/python bench/release_handoff.py [--rounds 5]``
 """
@@ -13,10 +13,12 @@ Usage: ``.venv/bin/python bench/release_handoff.py [--rounds 5]``
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import statistics
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 from common import Services, bench_job, emit, say, setup, stop_agents, warm_up
@@ -26,12 +28,13 @@ from sdagent.client import Client
 from sdagent.devstack.stack import ensure_topics, settings_from, spawn_agent, stack_config
 from sdagent.jobs import Status, StatusEvent
 
-STEP_S = 0.05
-JOB_STEPS = 200  # ~10 s
+STEP_S = 0.1
+JOB_STEPS = 100  # ~10 s (within the default max_steps, 150)
 
 
-def events_of(settings, job_id: str, timeout_s: float) -> list[StatusEvent]:
-    """The job's events once it has a terminal one (or on timeout)."""
+def events_of(settings, job_id: str, timeout_s: float, until=lambda events: any(e.status.is_terminal for e in events)):
+    """The job's events, read from the start of the results topic until ``until`` holds (by
+    default: a terminal one came) or ``timeout_s`` passes."""
     consumer = Consumer({"bootstrap.servers": settings.kafka.bootstrap_servers, "group.id": "handoff-reader",
                          "enable.auto.commit": False})  # fmt: skip
     topic = settings.topics.results
@@ -40,7 +43,7 @@ def events_of(settings, job_id: str, timeout_s: float) -> list[StatusEvent]:
     found: list[StatusEvent] = []
     deadline = time.monotonic() + timeout_s
     try:
-        while time.monotonic() < deadline and not any(e.status.is_terminal for e in found):
+        while time.monotonic() < deadline and not until(found):
             message = consumer.poll(0.2)
             if message is not None and message.error() is None and message.key() == job_id.encode():
                 found.append(StatusEvent.from_bytes(message.value()))
@@ -50,11 +53,16 @@ def events_of(settings, job_id: str, timeout_s: float) -> list[StatusEvent]:
 
 
 def wait_started(settings, job_id: str, timeout_s: float = 60) -> StatusEvent | None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        started = [e for e in events_of(settings, job_id, 1.0) if e.status is Status.STARTED]
-        if started:
-            return started[0]
+    events = events_of(settings, job_id, timeout_s, until=lambda found: any(e.status is Status.STARTED for e in found))
+    return next((e for e in events if e.status is Status.STARTED), None)
+
+
+def released_logged(workdir: Path, agent: str, job_id: str) -> float | None:
+    """When ``agent`` logged that it gave ``job_id`` up (epoch seconds), from its JSON log."""
+    for line in (workdir / f"{agent}.log").read_text(errors="replace").splitlines():
+        if '"job.released"' in line and job_id in line:
+            record = json.loads(line)
+            return datetime.fromisoformat(record["timestamp"].replace("Z", "+00:00")).timestamp()
     return None
 
 
@@ -88,8 +96,9 @@ def run_mode(consumption: str, rounds: int, services: Services, workdir: Path) -
                 terminal = [e for e in events if e.status.is_terminal]
                 lost += not terminal
                 twice += len(terminal) > 1
-                if released and restarted:
-                    handoff = (restarted[0].at - released[0].at).total_seconds()
+                released_at = released_logged(workdir, first.agent, job.job_id)
+                if released and restarted and released_at is not None:
+                    handoff = restarted[0].at.timestamp() - released_at
                     handoffs.append(handoff)
                     say(f"[{consumption}] round {round_}: released by {first.agent}, started on "
                         f"{restarted[0].agent} {handoff:.2f} s later")  # fmt: skip
