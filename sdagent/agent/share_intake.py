@@ -6,8 +6,10 @@ so it never sits on a job another GPU could start (in explicit acknowledgement m
 records still unacknowledged is refused anyway). What it takes it settles one way:
 
 - ACCEPT once the answer is durable (the runner's ``Outcome.COMMIT``), or once it is dead-lettered;
-- RELEASE when it is taken back (drain, spot notice, stop, WebUI down) or when a poll handed over
-  more than the one job it will run: another agent gets it within a fetch. Every hand-back is a
+- ACCEPT too for a job taken back by a drain, a spot notice or a hang: the runner has queued it
+  again (attempt counted) and answered ``released``;
+- RELEASE for a retry the agent cannot wait for, and for the records a poll handed over beyond
+  the one job it will run: another agent gets them within a fetch. Every hand-back is a
   delivery, and the broker drops a record silently once its deliveries reach the group's
   ``share.delivery.count.limit``: a record whose next delivery would be its last is copied back to
   its topic (a fresh count; the job id is unchanged, so the ledger still knows it) and accepted;
