@@ -81,7 +81,8 @@ def run_mode(services: Services, args: argparse.Namespace, affinity: bool, seque
         agent_config = {**config, "agent": {**config["agent"], "instance_id": f"affinity-{label}-{index}"}}
         agents.append(spawn_agent(agent_config, workdir, name=f"agent-{index}"))
     try:
-        wait_for_group(services.bootstrap, settings.kafka.group_id, args.agents, JOBS_PARTITIONS, timeout_s=60)
+        wait_for_group(services.bootstrap, settings.kafka.group_id, args.agents, JOBS_PARTITIONS, timeout_s=60,
+                       topic=settings.topics.jobs)  # fmt: skip
         reader = ResultsReader(services.bootstrap, settings.topics.results)
         job_ids = offer(settings, sequence, args)
         if not wait_answered(reader, job_ids, agents, timeout_s=max(120.0, len(sequence) / args.rate * 3)):

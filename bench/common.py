@@ -209,24 +209,29 @@ def agent_log_tail(workdir: Path, name: str, lines: int = 20) -> str:
         return "(no log)"
 
 
-def group_assignment(bootstrap: str, group_id: str) -> dict[str, int]:
-    """Partitions held per member (client id -> count) of a consumer group, as the broker sees it."""
+def group_assignment(bootstrap: str, group_id: str, topic: str) -> dict[str, int]:
+    """Partitions of ``topic`` held per member (client id -> count) of a consumer group, as the
+    broker sees it (the agents also hold the priority lane's)."""
     admin = AdminClient(admin_config(bootstrap))
     future = admin.describe_consumer_groups([group_id], request_timeout=10)[group_id]
     description = future.result(timeout=15)
     return {
-        member.client_id: len(member.assignment.topic_partitions) if member.assignment else 0
+        member.client_id: sum(tp.topic == topic for tp in member.assignment.topic_partitions)
+        if member.assignment
+        else 0
         for member in description.members
     }
 
 
-def wait_for_group(bootstrap: str, group_id: str, members: int, partitions: int, timeout_s: float) -> dict[str, int]:
-    """Wait until ``members`` members hold all ``partitions`` between them, each at least one."""
+def wait_for_group(
+    bootstrap: str, group_id: str, members: int, partitions: int, timeout_s: float, topic: str
+) -> dict[str, int]:
+    """Wait until ``members`` members hold all ``partitions`` of ``topic``, each at least one."""
     deadline = time.monotonic() + timeout_s
     seen: dict[str, int] = {}
     while time.monotonic() < deadline:
         try:
-            seen = group_assignment(bootstrap, group_id)
+            seen = group_assignment(bootstrap, group_id, topic)
         except Exception:  # the group may not exist yet while the first member joins
             seen = {}
         if len(seen) == members and sum(seen.values()) == partitions and min(seen.values()) > 0:

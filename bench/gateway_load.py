@@ -234,7 +234,8 @@ def main() -> None:
                   for i in range(args.agents)]  # fmt: skip
         gateway, url = start_gateway(sync_config, workdir, "gateway-sync")
         try:
-            wait_for_group(services.bootstrap, settings.kafka.group_id, args.agents, 12, timeout_s=60)
+            wait_for_group(services.bootstrap, settings.kafka.group_id, args.agents, 12, timeout_s=60,
+                           topic=settings.topics.jobs)  # fmt: skip
             say(f"sync: {args.sync_rate:.0f} jobs/s offered for {args.sync_duration:.0f} s with ?wait=30, "
                 f"{args.agents} agents (zero-latency simulated backend)")  # fmt: skip
             meter.mark()

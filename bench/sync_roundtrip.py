@@ -134,7 +134,7 @@ def run(services: Services, workdir: Path, args) -> tuple[list[Sample], int, flo
     reader = ResultsReader(services.bootstrap, settings.topics.results)
     try:
         processes.append(spawn_agent(configs[0], workdir, "agent-0"))
-        wait_for_group(services.bootstrap, group, 1, JOBS_PARTITIONS, GROUP_SETTLE_TIMEOUT_S)
+        wait_for_group(services.bootstrap, group, 1, JOBS_PARTITIONS, GROUP_SETTLE_TIMEOUT_S, settings.topics.jobs)
         capacity_jobs = {f"capacity-{index:05d}" for index in range(CAPACITY_JOBS)}
         capacity = measure_capacity(services, settings.topics.jobs, reader, capacity_jobs, processes)
         needed = math.ceil(args.rate / (capacity * TARGET_UTILIZATION))
@@ -146,7 +146,8 @@ def run(services: Services, workdir: Path, args) -> tuple[list[Sample], int, flo
         )
         for index in range(1, agents):
             processes.append(spawn_agent(configs[index], workdir, f"agent-{index}"))
-        shares = wait_for_group(services.bootstrap, group, agents, JOBS_PARTITIONS, GROUP_SETTLE_TIMEOUT_S)
+        shares = wait_for_group(services.bootstrap, group, agents, JOBS_PARTITIONS, GROUP_SETTLE_TIMEOUT_S,
+                                settings.topics.jobs)  # fmt: skip
         say(f"group settled: {dict(sorted(shares.items()))} (jobs partitions per agent)")
         if not wait_answered(reader, capacity_jobs, processes, LEFTOVER_DRAIN_S):
             raise RuntimeError("the fleet did not finish the capacity backlog; no load offered")

@@ -71,14 +71,16 @@ def producer_config(kafka: KafkaConfig, client_id: str) -> dict[str, Any]:
 
 
 def submitter_config(kafka: KafkaConfig, client_id: str) -> dict[str, Any]:
-    """Job submissions (client, gateway): as :func:`producer_config`, one job per batch."""
-    return {
-        **producer_config(kafka, client_id),
+    """Job submissions (client, gateway): as :func:`producer_config`; one job per batch for a
+    share group."""
+    config = producer_config(kafka, client_id)
+    if kafka.consumption == "share":
         # A share group hands a whole producer batch to one consumer, which takes one job and
-        # hands the rest back, each hand-back a delivery (docs/share-groups.md). Under load
-        # librdkafka batches even with linger.ms=0; this costs a produce request per job.
-        "batch.num.messages": 1,
-    }
+        # hands the rest back, each hand-back a delivery (docs/share-groups.md). The cost,
+        # measured with bench/gateway_load.py: ~1290 -> ~900 submissions/s, p99 31 -> 60-70 ms;
+        # so only in share mode, where batches cost deliveries.
+        config["batch.num.messages"] = 1
+    return config
 
 
 def jobs_consumer_config(kafka: KafkaConfig, instance_id: str) -> dict[str, Any]:

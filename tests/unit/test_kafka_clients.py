@@ -74,3 +74,10 @@ def test_a_bad_msk_region_names_its_key(tmp_path):
     with pytest.raises(ConfigError) as raised:
         load_settings(path)
     assert raised.value.key == "kafka.msk_iam_region"
+
+
+def test_submitters_send_one_job_per_batch_only_to_a_share_group():
+    from sdagent.kafka.clients import submitter_config
+
+    assert "batch.num.messages" not in submitter_config(KafkaConfig(consumption="partition"), "gw")
+    assert submitter_config(KafkaConfig(consumption="share"), "gw")["batch.num.messages"] == 1
