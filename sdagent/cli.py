@@ -274,7 +274,7 @@ def _topics_create(args: argparse.Namespace) -> int:
     from confluent_kafka.admin import AdminClient
 
     from sdagent.kafka.clients import admin_config
-    from sdagent.kafka.share_group import configure_share_group, lane_groups, share_group_settings
+    from sdagent.kafka.share_group import configure_lane_groups, share_group_settings
     from sdagent.kafka.topics import create_topics
 
     settings = _settings(args)
@@ -287,8 +287,7 @@ def _topics_create(args: argparse.Namespace) -> int:
     if share:
         # Before any agent joins: a share group's default reset would skip the queued jobs.
         settings_text = ", ".join(f"{k}={v}" for k, v in share_group_settings(settings.kafka.share).items())
-        for group in lane_groups(settings.kafka.group_id).values():
-            configure_share_group(admin, group, settings.kafka.share)
+        for group in configure_lane_groups(admin, settings.kafka.group_id, settings.kafka.share):
             print(f"share group {group}: {settings_text}")
     return ExitCode.OK
 

@@ -24,7 +24,7 @@ from sdagent.config import Settings, load_settings
 from sdagent.devstack.kafka import die_with_parent
 from sdagent.errors import ExitCode
 from sdagent.kafka.clients import admin_config
-from sdagent.kafka.share_group import configure_share_group, lane_groups
+from sdagent.kafka.share_group import configure_lane_groups
 from sdagent.kafka.topics import SHARE_JOBS_PARTITIONS, create_topics
 
 log = structlog.get_logger(__name__)
@@ -94,8 +94,7 @@ def ensure_topics(settings: Settings) -> None:
     share = settings.kafka.consumption == "share"
     create_topics(admin, settings.topics, replication_factor=1, share=share)
     if share:
-        for group in lane_groups(settings.kafka.group_id).values():
-            configure_share_group(admin, group, settings.kafka.share)
+        configure_lane_groups(admin, settings.kafka.group_id, settings.kafka.share)
 
 
 def local_aws_environment() -> dict[str, str]:

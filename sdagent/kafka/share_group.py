@@ -46,6 +46,15 @@ def configure_share_group(admin: AdminClient, group: str, share: ShareGroupConfi
     log.info("share_group.configured", group=group, **share_group_settings(share))
 
 
+def configure_lane_groups(admin: AdminClient, kafka_group: str, share: ShareGroupConfig) -> list[str]:
+    """:func:`configure_share_group` for every lane's group of ``kafka_group``; returns their
+    names. Raises KafkaException."""
+    groups = list(lane_groups(kafka_group).values())
+    for group in groups:
+        configure_share_group(admin, group, share)
+    return groups
+
+
 def ensure_share_groups(admin: AdminClient, groups: list[str], share: ShareGroupConfig) -> None:
     """:func:`configure_share_group` for each group at an agent's start: a refusal is logged, not
     raised, since ``sdagent topics create`` may have set them with rights the agent lacks."""
