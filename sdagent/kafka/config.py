@@ -88,11 +88,6 @@ class TopicsConfig(BaseModel):
         """The topics the fleet itself reads or writes (never a caller's reply address)."""
         return frozenset({self.jobs, self.priority_jobs, self.results, self.dead_letters, self.control, self.agents})
 
-    @property
-    def job_lanes(self) -> list[str]:
-        """The topics agents take jobs from, the one they take from first first."""
-        return [self.priority_jobs, self.jobs]
-
     @model_validator(mode="after")
     def _priority_lane_named(self) -> TopicsConfig:
         if not self.priority_jobs:

@@ -28,7 +28,7 @@ def start_process_agents(pipeline, tmp_path, names, **agent_settings):
         return processes
     # Jobs are submitted only once the group has settled: a job taken by the first member to join
     # and then moved to the second would be released "revoked", not by the drain under test.
-    partitions = pipeline.settings.topics.jobs_partitions * len(pipeline.settings.topics.job_lanes)
+    partitions = pipeline.settings.topics.jobs_partitions * 2  # the jobs topic's and the priority lane's
     assert wait_until(lambda: held_partitions(tmp_path, names) == partitions, timeout_s=60)
     return processes
 
