@@ -4,12 +4,15 @@ Two runs on one broker, each with fresh topics and its own agents (``sdagent run
 the simulated backend, with a model switch that costs ``--switch-s`` against a generation of
 ``--steps`` x ``--step-s``): jobs over ``--models`` models with Zipf(``--zipf``) popularity are
 offered at a fixed rate, the same sequence in both runs. Off: jobs keyed by job id (spread
-evenly); on: keyed by model over ``--lanes`` lanes, and each agent prefers held jobs for its
-loaded model (sdagent/agent/affinity.py). A switch is a job whose answer reports ``switch_ms`` (the
+evenly); on, partition mode: keyed by model over ``--lanes`` lanes, and each agent prefers held
+jobs for its loaded model (sdagent/agent/affinity.py); on, ``--consumption share``: jobs sent to
+their model's topic (``--model-topics``) while an agent holding the model is idle, else to the
+shared jobs topic (sdagent/agent/model_lanes.py, sdagent/kafka/routing.py). A switch is a job whose answer reports ``switch_ms`` (the
 first load on each agent counts too); the wait is the answer's ``queue_wait_ms`` (produce ->
 start on the agent).
 
-Usage: ``.venv/bin/python bench/affinity.py [--jobs 1000] [--agents 6] [--models 8] [--rate 4]``
+Usage: ``.venv/bin/python bench/affinity.py [--jobs 1000] [--agents 6] [--models 8] [--rate 4]
+[--consumption share]``
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from common import (
     stop_agents,
     summary,
     wait_answered,
+    wait_for_beacons,
     wait_for_group,
 )
 
@@ -55,6 +59,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--switch-s", type=float, default=0.5, help="simulated model switch")
     parser.add_argument("--step-s", type=float, default=0.025, help="simulated time per step")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--consumption", choices=("partition", "share"), default="partition")
+    parser.add_argument("--model-topics", type=int, default=32, help="share mode, affinity on: model topics")
     return parser.parse_args()
 
 
@@ -66,10 +72,12 @@ def zipf_models(count: int, models: list[str], s: float, seed: int = 42) -> list
 def run_mode(services: Services, args: argparse.Namespace, affinity: bool, sequence: list[str]) -> dict:
     label = "on" if affinity else "off"
     models = sorted(set(sequence))
-    topics = {"jobs_key": "model" if affinity else "job_id", "model_lanes": args.lanes}
+    share = args.consumption == "share"
+    topics: dict = {"jobs_key": "model" if affinity else "job_id"}
+    topics |= {"model_topics": args.model_topics} if share and affinity else {"model_lanes": args.lanes}
     config = stack_config(
         services.bootstrap, services.s3_endpoint, BUCKET, topic_prefix=f"aff-{label}-{uuid.uuid4().hex[:6]}.",
-        jobs_partitions=JOBS_PARTITIONS, topics=topics,
+        jobs_partitions=JOBS_PARTITIONS, topics=topics, consumption=args.consumption,
         backend={"models": models, "switch_latency_s": args.switch_s, "step_latency_s": args.step_s},
         metrics={"enabled": False},
     )  # fmt: skip
@@ -81,8 +89,11 @@ def run_mode(services: Services, args: argparse.Namespace, affinity: bool, seque
         agent_config = {**config, "agent": {**config["agent"], "instance_id": f"affinity-{label}-{index}"}}
         agents.append(spawn_agent(agent_config, workdir, name=f"agent-{index}"))
     try:
-        wait_for_group(services.bootstrap, settings.kafka.group_id, args.agents, JOBS_PARTITIONS, timeout_s=60,
-                       topic=settings.topics.jobs)  # fmt: skip
+        if share:  # every member reads every partition: ready once its loop runs (its beacon)
+            wait_for_beacons(services.bootstrap, settings.topics.agents, args.agents, timeout_s=60)
+        else:
+            wait_for_group(services.bootstrap, settings.kafka.group_id, args.agents, JOBS_PARTITIONS, timeout_s=60,
+                           topic=settings.topics.jobs)  # fmt: skip
         reader = ResultsReader(services.bootstrap, settings.topics.results)
         job_ids = offer(settings, sequence, args)
         if not wait_answered(reader, job_ids, agents, timeout_s=max(120.0, len(sequence) / args.rate * 3)):
@@ -136,6 +147,7 @@ def main() -> None:
     say(f"p99 queue wait: off {off['p99_wait_ms']:.0f} ms, on {on['p99_wait_ms']:.0f} ms: ratio {wait_ratio:.2f} "
         f"(goal <= 1.5: {'met' if wait_ratio <= 1.5 else 'NOT met'})")  # fmt: skip
     emit({
+        "consumption": args.consumption, "model_topics": args.model_topics if args.consumption == "share" else None,
         "jobs": args.jobs, "agents": args.agents, "offered_per_s": args.rate, "models": args.models,
         "zipf_s": args.zipf, "lanes": args.lanes, "switch_s": args.switch_s,
         "switches_off": round(off["switches_per_1000"], 1), "switches_on": round(on["switches_per_1000"], 1),

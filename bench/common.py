@@ -223,6 +223,25 @@ def group_assignment(bootstrap: str, group_id: str, topic: str) -> dict[str, int
     }
 
 
+def wait_for_beacons(bootstrap: str, topic: str, agents: int, timeout_s: float) -> set[str]:
+    """Wait until ``agents`` agents have published a beacon on the agents topic (their loops run)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"beacons-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
+    consumer.subscribe([topic])
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(seen) < agents and time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None and message.value() is not None:
+                seen.add((message.key() or b"").decode())
+    finally:
+        consumer.close()
+    if len(seen) < agents:
+        raise TimeoutError(f"{len(seen)} of {agents} agents published a beacon within {timeout_s} s")
+    return seen
+
+
 def wait_for_group(
     bootstrap: str, group_id: str, members: int, partitions: int, timeout_s: float, topic: str
 ) -> dict[str, int]:

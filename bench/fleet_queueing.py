@@ -5,6 +5,9 @@ jobs of ~300 ms (lognormal, CV 0.25) and 5 % long jobs of ~6 s. One open-loop Po
 offered at 70 % of the fleet's capacity, is replayed once per case on fresh topics:
 
 - ``partition``: a consumer group on a 12-partition jobs topic, jobs keyed by job id (plain keying);
+- ``partition-routed``: the same, jobs sent to the less loaded of two agents drawn at random
+  (``jobs_routing = "least_loaded"``, from the agents' beacons);
+- ``partition-routed-all``: the same, to the least loaded of all agents (``routing_choices = 0``);
 - ``share``: a share group on a 1-partition jobs topic (what `sdagent topics create` makes);
 - ``share-2p-8agents``: a share group of 8 agents on a 2-partition topic (partitions < agents).
 
@@ -47,10 +50,14 @@ class Case:
     consumption: str
     agents: int
     partitions: int
+    routing: str = "key"
+    choices: int = 2
 
 
 CASES = (
     Case("partition", "partition", 6, 12),
+    Case("partition-routed", "partition", 6, 12, routing="least_loaded"),
+    Case("partition-routed-all", "partition", 6, 12, routing="least_loaded", choices=0),
     Case("share", "share", 6, 1),
     Case("share-2p-8agents", "share", 8, 2),
 )
@@ -130,6 +137,7 @@ def run_case(case: Case, arrivals: list[Arrival], services: Services, workdir: P
     )  # fmt: skip
     if case.consumption == "share":
         config["topics"]["jobs_partitions"] = case.partitions
+    config["topics"] |= {"jobs_routing": case.routing, "routing_choices": case.choices}
     settings = settings_from(config)
     ensure_topics(settings)
     names = [f"{case.name}-{i}" for i in range(case.agents)]
@@ -174,7 +182,9 @@ def figures(case: Case, submitted: dict[str, float], events: dict[str, list[Stat
     ideal = ideal_waits(arrivals, services, case.agents)
     p99, ideal_p99 = percentile(waits, 0.99), percentile(ideal, 0.99)
     result = {
-        "case": case.name, "consumption": case.consumption, "agents": case.agents, "partitions": case.partitions,
+        "case": case.name, "consumption": case.consumption, "routing": case.routing,
+        "routing_choices": case.choices, "agents": case.agents,
+        "partitions": case.partitions,
         "jobs": len(submitted), "lost": lost, "answered_twice": twice,
         "wait_p50_s": round(percentile(waits, 0.5), 3), "wait_p99_s": round(p99, 3),
         "end_to_end_p50_s": round(percentile(ends, 0.5), 3), "end_to_end_p99_s": round(percentile(ends, 0.99), 3),

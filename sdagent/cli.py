@@ -287,7 +287,7 @@ def _topics_create(args: argparse.Namespace) -> int:
     if share:
         # Before any agent joins: a share group's default reset would skip the queued jobs.
         settings_text = ", ".join(f"{k}={v}" for k, v in share_group_settings(settings.kafka.share).items())
-        for group in configure_lane_groups(admin, settings.kafka.group_id, settings.kafka.share):
+        for group in configure_lane_groups(admin, settings.kafka.group_id, settings.kafka.share, settings.topics):
             print(f"share group {group}: {settings_text}")
     return ExitCode.OK
 

@@ -32,7 +32,8 @@ from sdagent.jobs import Job, StatusEvent
 from sdagent.kafka.acks import Deliveries
 from sdagent.kafka.clients import reader_config, submitter_config, with_metadata_retries
 from sdagent.kafka.config import KafkaConfig, TopicsConfig
-from sdagent.kafka.records import job_headers, job_key, jobs_topic_of
+from sdagent.kafka.records import job_headers, job_key
+from sdagent.kafka.routing import KEYED, placement_for
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +50,7 @@ class Client:
         self._kafka = kafka
         self._topics = topics
         self._producer = Producer(submitter_config(kafka, "sdagent-client"))
+        self._placement = placement_for(kafka, topics)
         self._reply_partition = reply_partition
         self._replies: _ReplyListener | None = None
         self._replies_lock = threading.Lock()
@@ -67,8 +69,9 @@ class Client:
     def submit(self, job: Job | Mapping[str, Any]) -> Job:
         """Queue ``job`` and return it (with its job id) once the broker has it durably."""
         job = _as_job(job)
-        self._produce_durably(jobs_topic_of(job, self._topics), job_key(job, self._topics), job.model_dump_json(exclude_none=True).encode(),
-                              job_headers(job))  # fmt: skip
+        topic, partition = self._placement.place(job)
+        self._produce_durably(topic, job_key(job, self._topics), job.model_dump_json(exclude_none=True).encode(),
+                              job_headers(job), partition)  # fmt: skip
         log.info("client.submitted", job_id=job.job_id)
         return job
 
@@ -103,12 +106,17 @@ class Client:
     def close(self) -> None:
         if self._replies is not None:
             self._replies.stop()
+        self._placement.close()
         self._producer.flush(DELIVERY_TIMEOUT_S)
 
-    def _produce_durably(self, topic: str, key: bytes, value: bytes, headers: list | None = None) -> None:
+    def _produce_durably(
+        self, topic: str, key: bytes, value: bytes, headers: list | None = None, partition: int = KEYED
+    ) -> None:
         deliveries = Deliveries()
         deliveries.expect()
-        self._producer.produce(topic, key=key, value=value, headers=headers, on_delivery=deliveries)
+        self._producer.produce(
+            topic, key=key, value=value, partition=partition, headers=headers, on_delivery=deliveries
+        )
         problem = deliveries.wait(self._producer, DELIVERY_TIMEOUT_S)
         if problem is not None:
             raise KafkaUnavailable(f"could not queue to {topic}: {problem}")

@@ -67,6 +67,14 @@ class Settings(BaseModel):
         return parse_backend_config(value)
 
     @model_validator(mode="after")
+    def _model_topics_in_share_groups(self) -> Settings:
+        if self.topics.model_topics and self.kafka.consumption != "share":
+            raise ValueError(
+                "topics.model_topics is for kafka.consumption = share; partition mode keys jobs by model (jobs_key)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _attempts_within_deliveries(self) -> Settings:
         # A share group's delivery count is the attempt count: the last attempt must come before
         # the delivery on which the agent gives a record up unrun.

@@ -7,19 +7,9 @@ a generation costs 2-3 s. Every switch avoided is a job's worth of GPU time.
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-
-import structlog
-from confluent_kafka import KafkaException, Producer
+from collections.abc import Sequence
 
 from sdagent.kafka.records import Delivery
-
-log = structlog.get_logger(__name__)
-
-HOT_MODELS_INTERVAL_S = 60.0
 
 
 def pick_next(held: Sequence[Delivery], loaded_model: str | None, passed_over: int, max_passed_over: int) -> int:
@@ -39,54 +29,3 @@ def pick_next(held: Sequence[Delivery], loaded_model: str | None, passed_over: i
         if delivery.model == loaded_model:
             return index
     return 0
-
-
-class HotModels:
-    """Publishes what this agent holds hot (the loaded model, the cached ones) on the compacted
-    agents topic, keyed by instance id: on a change and every ``interval_s``; a tombstone when it
-    leaves. A router or an operator reads the topic's latest record per agent."""
-
-    def __init__(
-        self,
-        producer: Producer,
-        topic: str,
-        instance_id: str,
-        cached_models: Callable[[], list[str]] = list,
-        *,
-        interval_s: float = HOT_MODELS_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._producer = producer
-        self._topic = topic
-        self._key = instance_id.encode()
-        self._instance_id = instance_id
-        self._cached_models = cached_models
-        self._interval_s = interval_s
-        self._clock = clock
-        self._last_loaded: str | None = None
-        self._next_at = float("-inf")
-
-    def follow(self, loaded_model: str | None) -> None:
-        """From the agent's loop: cheap unless the loaded model changed or the interval is up."""
-        if loaded_model == self._last_loaded and self._clock() < self._next_at:
-            return
-        self._last_loaded = loaded_model
-        self._next_at = self._clock() + self._interval_s
-        record = {
-            "schema_version": 1,
-            "instance_id": self._instance_id,
-            "loaded_model": loaded_model,
-            "cached_models": self._cached_models(),
-            "at": datetime.now(UTC).isoformat(),
-        }
-        self._send(json.dumps(record).encode())
-
-    def leave(self) -> None:
-        self._send(None)  # the tombstone: compaction drops this agent from the topic
-
-    def _send(self, value: bytes | None) -> None:
-        try:
-            self._producer.produce(self._topic, key=self._key, value=value)
-        except (BufferError, KafkaException) as exc:  # advisory: the next turn sends it again
-            log.warning("affinity.hot_models_not_sent", error=str(exc))
-            self._next_at = float("-inf")

@@ -139,7 +139,7 @@ class Agent:
             ("intake", self.intake.close),
             ("ledger", self.ledger.stop),
             ("webui", parts.supervisor.stop if parts.supervisor else None),
-            ("hot models", parts.chores.leave),
+            ("beacon", parts.chores.leave),
             ("producer", lambda: self.publisher.flush(PRODUCER_FLUSH_S)),
             ("terminate hook", (lambda: group.left(by_group)) if (group := parts.group) else None),
             ("metrics", parts.metrics.stop if parts.metrics else None),  # last: sends the partial interval

@@ -19,11 +19,12 @@ from botocore.config import Config as BotoConfig
 from confluent_kafka import Consumer, Producer, ShareConsumer
 from confluent_kafka.admin import AdminClient
 
-from sdagent.agent.affinity import HotModels
 from sdagent.agent.agent import Agent, AgentParts
+from sdagent.agent.beacon import AgentBeacon, AgentState
 from sdagent.agent.chores import Chores
 from sdagent.agent.controls import Controls
 from sdagent.agent.intake import Intake, JobIntake
+from sdagent.agent.model_lanes import ModelLanes
 from sdagent.agent.runner import JobRunner
 from sdagent.agent.share_intake import Lane, ShareIntake
 from sdagent.agent.startup import Startup
@@ -49,7 +50,7 @@ from sdagent.kafka.clients import (
 from sdagent.kafka.ledger import JobLedger
 from sdagent.kafka.publisher import StatusPublisher
 from sdagent.kafka.replies import ReplyPolicy, partitions_from
-from sdagent.kafka.share_group import PRIORITY_LANE, ensure_share_groups, lane_groups
+from sdagent.kafka.share_group import LaneSpec, ensure_share_groups, lane_specs, model_lane_specs
 from sdagent.lifecycle.autoscaling import GroupMembership, LifecycleActions
 from sdagent.lifecycle.config import LifecycleConfig
 from sdagent.lifecycle.imds import ImdsClient, ImdsError, InstanceIdentity, endpoint_from_environment, instance_identity
@@ -126,7 +127,7 @@ def build_agent(
         supervisor.on_hang(lambda job_id, _reason: intake.abort_inflight("hung", job_id))
     group = build_group_membership(settings.lifecycle, instance_id)
     notifier = systemd_notifier(environ)
-    hot_models = HotModels(producer, settings.topics.agents, instance_id, _cached_model_names(model_cache))
+    beacon = AgentBeacon(producer, settings.topics.agents, instance_id, _cached_model_names(model_cache))
     parts = AgentParts(
         instance_id=instance_id,
         jobs_topic=settings.topics.jobs,
@@ -147,8 +148,8 @@ def build_agent(
         ),  # fmt: skip
         chores=Chores(
             notifier,
-            hot_models,
-            loaded_model=lambda: runner.current_model,
+            beacon,
+            state=_beacon_state(settings.topics.jobs, intake, runner, controls),
             group=group,
             supervisor=supervisor,
             job_metrics=metrics.jobs,
@@ -331,14 +332,16 @@ def _share_intake(
         # A job past the lock goes to a second agent while it still runs (docs/share-groups.md).
         log.warning("share_group.lock_shorter_than_job_timeout", lock_s=share.lock_duration_s,
                     job_timeout_s=backend_config.job_timeout_s)  # fmt: skip
-    groups = lane_groups(settings.kafka.group_id)
-    topics = {PRIORITY_LANE: settings.topics.priority_jobs, "jobs": settings.topics.jobs}
+    fixed = lane_specs(settings.kafka.group_id, settings.topics)
+    models = model_lane_specs(settings.kafka.group_id, settings.topics)
 
-    def new_consumer(group: str) -> Callable[[], ShareConsumer]:
-        return lambda: share_consumer_factory(share_consumer_config(settings.kafka, instance_id, group))
+    def lane(spec: LaneSpec) -> Lane:
+        config = share_consumer_config(settings.kafka, instance_id, spec.group)
+        return Lane(spec.name, spec.topic, lambda: share_consumer_factory(config))
 
+    groups = [spec.group for spec in fixed + models]
     return ShareIntake(
-        [Lane(name, topics[name], new_consumer(group)) for name, group in groups.items()],
+        [lane(spec) for spec in fixed],
         runner,
         backend.interrupt,
         controls,
@@ -346,7 +349,10 @@ def _share_intake(
         delivery_limit=share.delivery_limit,
         copy_back=publisher.copy_back,
         record_attempts=settings.agent.record_attempts,
-        prepare=lambda: ensure_share_groups(AdminClient(admin_config(settings.kafka)), list(groups.values()), share),
+        prepare=lambda: ensure_share_groups(AdminClient(admin_config(settings.kafka)), groups, share),
+        model_lanes=ModelLanes([lane(spec) for spec in models], settings.topics.model_topic, instance_id)
+        if models
+        else None,
     )
 
 
@@ -357,6 +363,16 @@ def _follow_assignment(metrics: MetricsPublisher, jobs_topic: str) -> Callable[[
             metrics.lag.set_holds_partition_zero((jobs_topic, 0) in assigned)
 
     return follow
+
+
+def _beacon_state(
+    jobs_topic: str, intake: JobIntake, runner: JobRunner, controls: Controls
+) -> Callable[[], AgentState]:
+    def state() -> AgentState:
+        partitions = frozenset(p for topic, p in intake.partitions if topic == jobs_topic)
+        return AgentState(runner.current_model, intake.load(), partitions, accepting=not controls.held)
+
+    return state
 
 
 def _cached_model_names(cache: ModelCache | None) -> Callable[[], list[str]]:

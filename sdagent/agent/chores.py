@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sdagent.agent.affinity import HotModels
+from sdagent.agent.beacon import AgentBeacon, AgentState
 from sdagent.lifecycle.autoscaling import GroupMembership
 from sdagent.lifecycle.systemd import Notifier
 from sdagent.metrics.jobs import JobMetrics
@@ -15,23 +15,23 @@ MEMORY_CHECK_INTERVAL_S = 5.0  # psutil walks the WebUI's process tree: not on e
 
 
 class Chores:
-    """Watchdog pings, scale-in protection, hot models, the in-flight gauge and the WebUI's
+    """Watchdog pings, scale-in protection, the beacon, the in-flight gauge and the WebUI's
     memory ceiling; :meth:`tick` runs once per turn of the loop, from the loop's own thread."""
 
     def __init__(
         self,
         notifier: Notifier,
-        hot_models: HotModels,
+        beacon: AgentBeacon,
         *,
-        loaded_model: Callable[[], str | None],
+        state: Callable[[], AgentState],
         group: GroupMembership | None = None,
         supervisor: WebUISupervisor | None = None,
         job_metrics: JobMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._notifier = notifier
-        self._hot_models = hot_models
-        self._loaded_model = loaded_model
+        self._beacon = beacon
+        self._state = state
         self._group = group
         self._supervisor = supervisor
         self._job_metrics = job_metrics
@@ -50,11 +50,11 @@ class Chores:
             self._next_ping = now + self._watchdog_s / 2
         if self._group is not None:
             self._group.follow_busy(busy)
-        self._hot_models.follow(self._loaded_model())
+        self._beacon.follow(self._state())
         if self._supervisor is not None and not busy and now >= self._next_memory_check:
             # Between jobs only: a restart for memory never cuts a job short.
             self._supervisor.restart_if_over_memory()
             self._next_memory_check = self._clock() + MEMORY_CHECK_INTERVAL_S
 
     def leave(self) -> None:
-        self._hot_models.leave()  # the tombstone: the agents topic forgets this agent
+        self._beacon.leave()  # the tombstone: the agents topic forgets this agent

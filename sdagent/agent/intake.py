@@ -23,7 +23,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message,
 from sdagent.agent.affinity import pick_next
 from sdagent.agent.controls import Controls
 from sdagent.agent.runner import JobRunner, Outcome
-from sdagent.agent.slot import CrashCounts, JobSlot, Running
+from sdagent.agent.slot import CrashCounts, JobSlot, Load, Running
 from sdagent.errors import KafkaUnavailable
 from sdagent.kafka.records import Delivery, model_of, position
 
@@ -59,6 +59,9 @@ class JobIntake(Protocol):
     def abort_inflight(self, why: str, job_id: str | None = None) -> None: ...
     @property
     def busy(self) -> bool: ...
+    def load(self) -> Load: ...
+    @property
+    def partitions(self) -> frozenset[PartitionKey]: ...  # assigned (empty in a share group)
 
 
 class Intake:
@@ -165,6 +168,13 @@ class Intake:
     @property
     def busy(self) -> bool:
         return self._slot.busy
+
+    def load(self) -> Load:
+        return self._slot.load(len(self._held))
+
+    @property
+    def partitions(self) -> frozenset[PartitionKey]:
+        return frozenset(self._assigned)
 
     def cancel(self, job_id: str) -> None:
         """Interrupt the running job if it is ``job_id`` (called from the ledger's reader thread)."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from confluent_kafka import AcknowledgeType, KafkaException, Message, ShareConsumer
@@ -49,9 +50,12 @@ from sdagent.agent.intake import (
     poison_or_retry_later,
 )
 from sdagent.agent.runner import JobRunner, Outcome
-from sdagent.agent.slot import JobSlot
+from sdagent.agent.slot import JobSlot, Load
 from sdagent.errors import KafkaUnavailable, RecordRefused
 from sdagent.kafka.records import Delivery, Headers, model_of, position
+
+if TYPE_CHECKING:
+    from sdagent.agent.model_lanes import ModelLanes
 
 log = structlog.get_logger(__name__)
 
@@ -115,9 +119,11 @@ class ShareIntake:
         copy_back: CopyBack,
         record_attempts: int = 3,
         prepare: Callable[[], None] = lambda: None,
+        model_lanes: ModelLanes | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._lanes = list(lanes)  # the one taken from first first
+        self._models = model_lanes  # model topics (affinity), polled around the jobs topic
         self._lane_streak = 0  # jobs in a row from the first lane
         self._prepare = prepare  # sets the groups' configuration before this member joins
         self._runner = runner
@@ -133,6 +139,7 @@ class ShareIntake:
         self._waiting: Delivery | None = None
         self._waiting_until = 0.0
         self._acquired: dict[str, _Acquired] = {}  # by record id: what this agent holds
+        self._idle_since = clock()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -158,6 +165,8 @@ class ShareIntake:
         for lane in self._lanes:
             if lane.consumer is None:
                 lane.join()
+        if self._models is not None:
+            self._models.follow(self._runner.current_model, self._clock() - self._idle_since, self._holding)
         self._take(*self._poll())
 
     def release_inflight(self, why: str, timeout_s: float = REVOKE_WAIT_S) -> None:
@@ -184,8 +193,7 @@ class ShareIntake:
         self.release_inflight("stopping")
         self._slot.shutdown()
         self._finish_if_done()
-        for lane in self._lanes:
-            lane.leave()
+        self._leave_lanes()
         log.info("intake.closed", mode="share")
 
     def _leave_while_held(self) -> None:
@@ -196,12 +204,27 @@ class ShareIntake:
         if self._acquired or all(lane.consumer is None for lane in self._lanes):
             return
         log.info("intake.left_while_held", reason=self._controls.reason)
+        self._leave_lanes()
+
+    def _leave_lanes(self) -> None:
         for lane in self._lanes:
             lane.leave()
+        if self._models is not None:
+            self._models.leave_all()
+
+    def _holding(self, lane: Lane) -> bool:
+        return any(acquired.lane is lane for acquired in self._acquired.values())
 
     @property
     def busy(self) -> bool:
         return self._slot.busy
+
+    def load(self) -> Load:
+        return self._slot.load(0)  # it never holds a job it is not running
+
+    @property
+    def partitions(self) -> frozenset[tuple[str, int]]:
+        return frozenset()  # the share group's partitions belong to every member
 
     def cancel(self, job_id: str) -> None:
         self._slot.abort("cancelled", job_id)
@@ -211,19 +234,27 @@ class ShareIntake:
 
     # --- taking records ----------------------------------------------------------------------
 
+    def _poll_order(self) -> list[Lane]:
+        """The priority lane, the loaded model's topic, the jobs topic, then the model topics
+        being left or swept; after ``MAX_PRIORITY_STREAK`` priority jobs in a row, the priority
+        lane goes last once."""
+        first, rest = self._lanes[:1], self._lanes[1:]
+        if self._models is not None:
+            rest = self._models.before_jobs + rest + self._models.after_jobs
+        return rest + first if self._lane_streak >= MAX_PRIORITY_STREAK else first + rest
+
     def _poll(self) -> tuple[Lane, list[Message]]:
-        """Poll the lanes in order, the last one with the idle wait, until one brings records;
-        after ``MAX_PRIORITY_STREAK`` jobs in a row from the first lane, the others go first once."""
-        order = self._lanes
-        if self._lane_streak >= MAX_PRIORITY_STREAK:
-            order = self._lanes[1:] + self._lanes[:1]
+        """Poll the lanes in order, the last one with the idle wait, until one brings records."""
+        order = self._poll_order()
         for index, lane in enumerate(order):
             messages = self._poll_lane(lane, IDLE_POLL_S if index == len(order) - 1 else 0.0)
             if messages:
-                first = lane is self._lanes[0] and len(self._lanes) > 1
+                first = lane is self._lanes[0] and len(order) > 1
                 self._lane_streak = self._lane_streak + 1 if first else 0
                 return lane, messages
-        return self._lanes[-1], []
+            if self._models is not None:
+                self._models.polled_empty(lane, self._holding)
+        return order[-1], []
 
     def _poll_lane(self, lane: Lane, timeout_s: float) -> list[Message]:
         if lane.consumer is None:
@@ -297,6 +328,7 @@ class ShareIntake:
         except Exception as exc:  # whatever the record's path raised: bounded tries, then a dead letter
             outcome = self._after_crash(delivery, exc)
         self._settle(delivery, outcome)
+        self._idle_since = self._clock()
 
     def _after_crash(self, delivery: Delivery, error: Exception) -> Outcome:
         """Dead-letter the record once it raised on its ``record_attempts``-th delivery; else

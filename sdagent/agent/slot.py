@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,16 @@ from sdagent.kafka.records import Delivery
 log = structlog.get_logger(__name__)
 
 MAX_REMEMBERED_CRASHES = 1024
+RUN_TIME_WEIGHT = 0.2  # of the latest job in the moving average of run times
+
+
+@dataclass(frozen=True)
+class Load:
+    """What an agent holds, for load-aware routing (its beacon)."""
+
+    queued: int  # jobs held: read ahead and running
+    backlog_s: float  # about how long until it could start one more
+    mean_job_s: float  # its moving average of job run times (0 before the first)
 
 
 @dataclass
@@ -28,6 +39,7 @@ class Running:
     delivery: Delivery
     control: JobControl
     future: concurrent.futures.Future[Outcome]
+    started_at: float
 
 
 class JobSlot:
@@ -39,6 +51,7 @@ class JobSlot:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdagent-job")
         self._running: Running | None = None
         self._lock = threading.Lock()  # guards _running against other threads (cancel, hang)
+        self.mean_run_s = 0.0  # moving average of this agent's job run times (0 before the first)
 
     @property
     def running(self) -> Running | None:
@@ -51,7 +64,8 @@ class JobSlot:
     def start(self, delivery: Delivery) -> None:
         control = JobControl(None, self._interrupt_backend)
         with self._lock:
-            self._running = Running(delivery, control, self._executor.submit(self._runner.run, delivery, control))
+            future = self._executor.submit(self._runner.run, delivery, control)
+            self._running = Running(delivery, control, future, time.monotonic())
 
     def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the running job to end; True when none runs any more."""
@@ -68,7 +82,18 @@ class JobSlot:
             return None
         with self._lock:
             self._running = None
+        run_s = time.monotonic() - running.started_at
+        self.mean_run_s = (
+            run_s if self.mean_run_s == 0 else (1 - RUN_TIME_WEIGHT) * self.mean_run_s + RUN_TIME_WEIGHT * run_s
+        )
         return running
+
+    def load(self, waiting: int) -> Load:
+        """This slot's load with ``waiting`` more jobs held by the intake."""
+        remaining = self.remaining_s() if self.busy else 0.0
+        if remaining is None:  # running, no progress yet
+            remaining = self.mean_run_s
+        return Load(waiting + self.busy, remaining + waiting * self.mean_run_s, self.mean_run_s)
 
     def abort(self, why: str, job_id: str | None = None) -> None:
         """Interrupt the running job (only if it is ``job_id``, when given); safe from any thread."""

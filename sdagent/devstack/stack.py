@@ -94,7 +94,7 @@ def ensure_topics(settings: Settings) -> None:
     share = settings.kafka.consumption == "share"
     create_topics(admin, settings.topics, replication_factor=1, share=share)
     if share:
-        configure_lane_groups(admin, settings.kafka.group_id, settings.kafka.share)
+        configure_lane_groups(admin, settings.kafka.group_id, settings.kafka.share, settings.topics)
 
 
 def local_aws_environment() -> dict[str, str]:

@@ -19,7 +19,8 @@ from sdagent.errors import KafkaUnavailable
 from sdagent.jobs import Job, Status, StatusEvent
 from sdagent.kafka.clients import submitter_config
 from sdagent.kafka.config import KafkaConfig, TopicsConfig
-from sdagent.kafka.records import STATUS_HEADER, job_headers, job_key, jobs_topic_of
+from sdagent.kafka.records import STATUS_HEADER, job_headers, job_key
+from sdagent.kafka.routing import placement_for
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +39,7 @@ class JobQueue:
         config = submitter_config(kafka, f"sdagent-gateway-{gateway_id}")
         config.update({"linger.ms": LINGER_MS, "message.timeout.ms": int(delivery_timeout_s * 1000)})
         self._producer = Producer(config)
+        self._placement = placement_for(kafka, topics)
         self._topics = topics
         self._gateway_id = gateway_id
         self._reachable = False
@@ -52,10 +54,11 @@ class JobQueue:
         queued = StatusEvent(job_id=job.job_id, status=Status.QUEUED, agent=f"gateway:{self._gateway_id}",
                              correlation_id=job.correlation_id)  # fmt: skip
         deliveries = [loop.create_future(), loop.create_future()]
+        topic, partition = self._placement.place(job)
         try:
-            self._producer.produce(jobs_topic_of(job, self._topics), key=job_key(job, self._topics),
+            self._producer.produce(topic, key=job_key(job, self._topics),
                                    value=job.model_dump_json(exclude_none=True).encode(), headers=job_headers(job),
-                                   on_delivery=_resolver(loop, deliveries[0]))  # fmt: skip
+                                   partition=partition, on_delivery=_resolver(loop, deliveries[0]))  # fmt: skip
             self._producer.produce(self._topics.results, key=job.job_id.encode(), value=queued.to_bytes(),
                                    headers=[(STATUS_HEADER, Status.QUEUED.value.encode())],
                                    on_delivery=_resolver(loop, deliveries[1]))  # fmt: skip
@@ -81,6 +84,7 @@ class JobQueue:
     def close(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         self._poller.join(timeout_s)
+        self._placement.close()
         left = self._producer.flush(timeout_s)
         if left:
             log.warning("gateway.undelivered_at_close", records=left)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -71,6 +72,19 @@ class TopicsConfig(BaseModel):
     # model; "model" sends a model's jobs to at most model_lanes partitions (fewer switches, but a
     # fleet serving few models then keeps only that many agents busy: opt in with lanes sized).
     jobs_key: Literal["model", "job_id"] = "job_id"
+    # Where submitters (client, gateway) send a job in partition-bound consumption: "key" lets
+    # the job's key pick the partition; "least_loaded" sends it to a partition of the less loaded
+    # of two agents drawn at random, from the agents' beacons (docs/delivery.md#routing). Needs
+    # read access to the agents topic; ignored in a share group.
+    jobs_routing: Literal["key", "least_loaded"] = "key"
+    # Agents drawn per job with least_loaded: 2 keeps many submitters from all picking the same
+    # agent between its beacons; 0 compares every agent (best for one or a few submitters).
+    routing_choices: int = Field(2, ge=0, le=1024)
+    # Share groups only: model topics (`<jobs>.model-<k>`, k from the model's CRC32), each read
+    # only by the agents holding one of its models. A submitter with jobs_key = "model" sends a
+    # job there when an agent holding its model is idle (from the beacons), else to the jobs
+    # topic; 0 turns model topics off (docs/share-groups.md#model-affinity-in-share-mode).
+    model_topics: int = Field(0, ge=0, le=64)
     # Keys per model when keyed by model: a hot model fills up to this many partitions.
     model_lanes: int = Field(2, ge=1, le=1024)
     # One job runs per partition holder at a time: partitions >= the fleet's maximum size.
@@ -86,7 +100,18 @@ class TopicsConfig(BaseModel):
     @property
     def fleet_topics(self) -> frozenset[str]:
         """The topics the fleet itself reads or writes (never a caller's reply address)."""
-        return frozenset({self.jobs, self.priority_jobs, self.results, self.dead_letters, self.control, self.agents})
+        own = {self.jobs, self.priority_jobs, self.results, self.dead_letters, self.control, self.agents}
+        return frozenset(own | set(self.model_topic_names))
+
+    @property
+    def model_topic_names(self) -> list[str]:
+        return [f"{self.jobs}.model-{k}" for k in range(self.model_topics)]
+
+    def model_topic(self, model: str) -> str | None:
+        """The model topic ``model``'s jobs may go to; None with model topics off."""
+        if not self.model_topics:
+            return None
+        return f"{self.jobs}.model-{zlib.crc32(model.encode()) % self.model_topics}"
 
     @model_validator(mode="after")
     def _priority_lane_named(self) -> TopicsConfig:
@@ -94,6 +119,22 @@ class TopicsConfig(BaseModel):
             if len(self.jobs) > 240:
                 raise ValueError("jobs is too long to name the priority lane after it: set priority_jobs")
             self.priority_jobs = f"{self.jobs}.priority"
+        return self
+
+    @model_validator(mode="after")
+    def _model_topics_keyed_by_model(self) -> TopicsConfig:
+        if self.model_topics and self.jobs_key != "model":
+            raise ValueError("model_topics needs jobs_key = model (they hold the jobs of models agents have loaded)")
+        if self.model_topics and len(self.jobs) > 240:
+            raise ValueError("jobs is too long to name the model topics after it")
+        return self
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> TopicsConfig:
+        if self.jobs_routing == "least_loaded" and self.jobs_key == "model":
+            raise ValueError(
+                "jobs_routing = least_loaded places jobs by load and jobs_key = model places them by model: choose one"
+            )
         return self
 
     @model_validator(mode="after")

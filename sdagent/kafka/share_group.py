@@ -8,11 +8,13 @@ again by every agent at start (a no-op when they are set; a warning when the age
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import structlog
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
-from sdagent.kafka.config import ShareGroupConfig
+from sdagent.kafka.config import ShareGroupConfig, TopicsConfig
 
 log = structlog.get_logger(__name__)
 
@@ -20,9 +22,30 @@ log = structlog.get_logger(__name__)
 PRIORITY_LANE = "priority"
 
 
-def lane_groups(kafka_group: str) -> dict[str, str]:
-    """The share group of each lane, by lane name, the one taken from first first."""
-    return {PRIORITY_LANE: f"{kafka_group}.{PRIORITY_LANE}", "jobs": kafka_group}
+@dataclass(frozen=True)
+class LaneSpec:
+    """A topic an agent takes jobs from, and its share group (one group per topic: a share
+    group's assignor gives each member one partition of its subscription once members outnumber
+    partitions, so a member of a group on several topics would read one of them only)."""
+
+    name: str
+    topic: str
+    group: str
+
+
+def lane_specs(kafka_group: str, topics: TopicsConfig) -> list[LaneSpec]:
+    """The lanes every agent reads, the one taken from first first."""
+    return [
+        LaneSpec(PRIORITY_LANE, topics.priority_jobs, f"{kafka_group}.{PRIORITY_LANE}"),
+        LaneSpec("jobs", topics.jobs, kafka_group),
+    ]
+
+
+def model_lane_specs(kafka_group: str, topics: TopicsConfig) -> list[LaneSpec]:
+    """The model topics' lanes, read by the agents holding one of their models."""
+    return [
+        LaneSpec(f"model-{k}", topic, f"{kafka_group}.model-{k}") for k, topic in enumerate(topics.model_topic_names)
+    ]
 
 
 def share_group_settings(share: ShareGroupConfig) -> dict[str, str]:
@@ -46,10 +69,12 @@ def configure_share_group(admin: AdminClient, group: str, share: ShareGroupConfi
     log.info("share_group.configured", group=group, **share_group_settings(share))
 
 
-def configure_lane_groups(admin: AdminClient, kafka_group: str, share: ShareGroupConfig) -> list[str]:
+def configure_lane_groups(
+    admin: AdminClient, kafka_group: str, share: ShareGroupConfig, topics: TopicsConfig
+) -> list[str]:
     """:func:`configure_share_group` for every lane's group of ``kafka_group``; returns their
     names. Raises KafkaException."""
-    groups = list(lane_groups(kafka_group).values())
+    groups = [lane.group for lane in lane_specs(kafka_group, topics) + model_lane_specs(kafka_group, topics)]
     for group in groups:
         configure_share_group(admin, group, share)
     return groups

@@ -43,6 +43,11 @@ def topic_specs(topics: TopicsConfig, replication_factor: int | None = None, *, 
     return [
         TopicSpec(topics.jobs, jobs_partitions, retained(topics.jobs_retention_h)),
         TopicSpec(topics.priority_jobs, jobs_partitions, retained(topics.jobs_retention_h)),
+        # Model topics (share groups only): one partition each, read by every holder of a model.
+        *(
+            TopicSpec(name, SHARE_JOBS_PARTITIONS, retained(topics.jobs_retention_h))
+            for name in topics.model_topic_names
+        ),
         TopicSpec(topics.results, topics.results_partitions, retained(topics.results_retention_h)),
         TopicSpec(topics.dead_letters, 1, retained(topics.dead_letters_retention_h)),
         # Every agent reads the whole control topic: one partition keeps that cheap.

@@ -1,0 +1,276 @@
+"""Load-aware routing for partition-bound consumption: send a job to a lightly loaded agent.
+
+With a consumer group each agent runs its own partitions' jobs in order, so a job keyed to a busy
+agent's partition waits while other GPUs idle (docs/share-groups.md measures it). A submitter
+with ``[topics] jobs_routing = "least_loaded"`` reads the agents' beacons (the compacted agents
+topic: each agent's partitions and the jobs it holds, sent at least every second) and, per job,
+draws two agents at random and sends the job to a partition of the one holding fewer jobs
+(power of two choices: nearly the balance of asking every agent, without every submitter
+crowding the same least loaded one). Jobs this submitter sent to an agent since its last beacon
+count towards its load. With no fresh beacon (a new fleet, the agents topic unreadable, every
+agent held) the job is keyed as usual: routing only ever improves on plain keying.
+
+Share groups need none of this (any idle agent takes the next job); the router is not started
+there, nor for the priority lane (agents take from it first anyway), nor with ``jobs_key =
+"model"`` (keying by model places jobs by model; the settings refuse both at once).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+import structlog
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from sdagent.jobs import Job
+from sdagent.kafka.agents import AgentRecord
+from sdagent.kafka.clients import reader_config
+from sdagent.kafka.config import KafkaConfig, TopicsConfig
+from sdagent.kafka.records import jobs_topic_of
+
+log = structlog.get_logger(__name__)
+
+# A beacon older than this is not trusted: the agent may be gone or its partitions moved. A few
+# of the beacon's 1 s interval, so one late record does not drop a live agent.
+STALE_AFTER_S = 3.0
+POLL_S = 0.1
+METADATA_TIMEOUT_S = 5.0
+METADATA_REFRESH_S = 30.0  # the jobs topic's partition count: it only grows, and rarely
+KEYED = -1  # librdkafka's "no partition given": its partitioner hashes the key
+UNKNOWN_JOB_S = 1.0  # what a job sent to an agent that has run none yet is taken to cost
+
+
+class Placement(Protocol):
+    """Where a submitter sends a job: its topic, and a partition of it or KEYED."""
+
+    def place(self, job: Job) -> tuple[str, int]: ...
+    def close(self) -> None: ...
+
+
+class KeyedPlacement:
+    """Every job on its lane (the priority lane or the jobs topic), keyed: the default."""
+
+    def __init__(self, topics: TopicsConfig) -> None:
+        self._topics = topics
+
+    def place(self, job: Job) -> tuple[str, int]:
+        return jobs_topic_of(job, self._topics), KEYED
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Agent:
+    record: AgentRecord
+    sent_since: int = 0  # jobs this submitter sent it since the record
+
+    def free_in_s(self, now: datetime) -> float:
+        """About how long until it could start another job: its backlog as of its beacon, less
+        the time since, plus each job sent it since at its mean run time."""
+        record = self.record
+        free_at_s = record.backlog_s + self.sent_since * (record.mean_job_s or UNKNOWN_JOB_S)
+        return max(0.0, free_at_s - (now - record.at).total_seconds())
+
+    def load(self, now: datetime) -> tuple[float, int]:
+        """Time until free, then jobs held (an agent that has run nothing yet has no mean)."""
+        return self.free_in_s(now), self.record.queued + self.sent_since
+
+
+class AgentLoads:
+    """The latest beacon of every agent, and the two-choice pick among the fresh ones. Thread-safe:
+    the reader thread adds records, submitters pick."""
+
+    def __init__(
+        self,
+        *,
+        choices: int = 2,
+        stale_after_s: float = STALE_AFTER_S,
+        rng: random.Random | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._choices = choices  # agents drawn per pick; 0: all of them
+        self._stale_after_s = stale_after_s
+        self._rng = rng or random.Random()
+        self._now = now
+        self._lock = threading.Lock()
+        self._agents: dict[str, _Agent] = {}
+        self._partition_count = 0  # of the jobs topic; 0 until known: nothing is routed
+
+    def set_partition_count(self, count: int) -> None:
+        with self._lock:
+            self._partition_count = count
+
+    def update(self, key: str, record: AgentRecord | None) -> None:
+        """The agents topic's record for ``key``; None is a tombstone (the agent left)."""
+        with self._lock:
+            if record is None:
+                self._agents.pop(key, None)
+            else:
+                self._agents[key] = _Agent(record)
+
+    def pick(self) -> int:
+        """A partition of the less loaded of two fresh agents drawn at random, or KEYED."""
+        with self._lock:
+            candidates = [agent for agent in self._agents.values() if self._fresh(agent) and self._in_topic(agent)]
+            if not candidates:
+                return KEYED
+            if 0 < self._choices < len(candidates):
+                candidates = self._rng.sample(candidates, self._choices)
+            self._rng.shuffle(candidates)  # ties: any of them, not always the first
+            now = self._now()
+            chosen = min(candidates, key=lambda agent: agent.load(now))
+            chosen.sent_since += 1
+            partitions = [p for p in chosen.record.jobs_partitions if p < self._partition_count]
+            return self._rng.choice(partitions)
+
+    def holders(self, model: str) -> list[str]:
+        """The fresh, accepting agents with ``model`` loaded, busy or not."""
+        with self._lock:
+            return sorted(
+                key for key, agent in self._agents.items() if self._fresh(agent) and agent.record.loaded_model == model
+            )
+
+    def take_idle_holder(self, model: str) -> bool:
+        """Whether a fresh agent with ``model`` loaded is free, or will be sooner than one job
+        (waiting that long beats a switch, which costs several jobs' time on a GPU), counting the
+        jobs sent it since its beacon; if so the soonest free one counts this job."""
+        with self._lock:
+            now = self._now()
+            soon = [
+                agent
+                for agent in self._agents.values()
+                if self._fresh(agent)
+                and agent.record.loaded_model == model
+                and agent.free_in_s(now) < agent.record.mean_job_s
+            ]
+            if not soon:
+                return False
+            self._rng.shuffle(soon)
+            min(soon, key=lambda agent: agent.free_in_s(now)).sent_since += 1
+            return True
+
+    def _fresh(self, agent: _Agent) -> bool:
+        record = agent.record
+        age_s = (self._now() - record.at).total_seconds()
+        return record.accepting and -self._stale_after_s <= age_s <= self._stale_after_s
+
+    def _in_topic(self, agent: _Agent) -> bool:
+        return any(p < self._partition_count for p in agent.record.jobs_partitions)
+
+
+class BeaconReader:
+    """Reads the agents topic into :class:`AgentLoads` on a thread of its own."""
+
+    def __init__(self, kafka: KafkaConfig, topics: TopicsConfig, loads: AgentLoads | None = None) -> None:
+        self._topics = topics
+        self._loads = loads or AgentLoads(choices=topics.routing_choices)
+        self._consumer = Consumer(reader_config(kafka, "router"))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sdagent-router", daemon=True)
+        self._thread.start()
+
+    @property
+    def loads(self) -> AgentLoads:
+        return self._loads
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._consumer.close()
+
+    def _run(self) -> None:
+        assigned = False
+        metadata_at = float("-inf")
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() >= metadata_at + METADATA_REFRESH_S:
+                    self._loads.set_partition_count(self._partition_count(self._topics.jobs))
+                    metadata_at = time.monotonic()
+                if not assigned:
+                    self._assign_agents_topic()
+                    assigned = True
+                self._read()
+            except (KafkaException, LookupError) as exc:  # routing is advisory: keyed meanwhile
+                log.warning("router.agents_unreadable", topic=self._topics.agents, error=str(exc))
+                self._stop.wait(METADATA_REFRESH_S / 10)
+
+    def _read(self) -> None:
+        message = self._consumer.poll(POLL_S)
+        if message is None or message.error() is not None:
+            return
+        key = (message.key() or b"").decode(errors="replace")
+        value = message.value()
+        if value is None:
+            self._loads.update(key, None)
+            return
+        try:
+            self._loads.update(key, AgentRecord.from_bytes(value))
+        except ValueError as exc:  # someone else's record: skipped, never routed to
+            log.warning("router.bad_agent_record", key=key, offset=message.offset(), error=str(exc))
+
+    def _partition_count(self, topic: str) -> int:
+        metadata = self._consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            raise LookupError(f"topic {topic} not found: {found.error if found else 'no metadata'}")
+        return len(found.partitions)
+
+    def _assign_agents_topic(self) -> None:
+        topic = self._topics.agents
+        metadata = self._consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None:
+            raise LookupError(f"topic {topic} not found")
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in found.partitions])
+
+
+class LeastLoadedPlacement:
+    """Partition mode, ``jobs_routing = "least_loaded"``: a jobs-topic job goes to a partition of
+    the less loaded of two agents (the priority lane is taken first by every agent: keyed)."""
+
+    def __init__(self, beacons: BeaconReader, topics: TopicsConfig) -> None:
+        self._beacons = beacons
+        self._topics = topics
+
+    def place(self, job: Job) -> tuple[str, int]:
+        topic = jobs_topic_of(job, self._topics)
+        return topic, self._beacons.loads.pick() if topic == self._topics.jobs else KEYED
+
+    def close(self) -> None:
+        self._beacons.close()
+
+
+class ModelTopicPlacement:
+    """Share mode with model topics: a jobs-topic job goes to its model's topic when an agent
+    holding the model is idle (it takes it within a fetch, no switch), else to the jobs topic
+    (the next idle agent takes it, switching if it must): affinity never makes a job wait."""
+
+    def __init__(self, beacons: BeaconReader, topics: TopicsConfig) -> None:
+        self._beacons = beacons
+        self._topics = topics
+
+    def place(self, job: Job) -> tuple[str, int]:
+        topic = jobs_topic_of(job, self._topics)
+        model_topic = self._topics.model_topic(job.model)
+        if topic == self._topics.jobs and model_topic and self._beacons.loads.take_idle_holder(job.model):
+            return model_topic, KEYED
+        return topic, KEYED
+
+    def close(self) -> None:
+        self._beacons.close()
+
+
+def placement_for(kafka: KafkaConfig, topics: TopicsConfig) -> Placement:
+    """The submitter's placement: by load or to model topics where configured, keyed otherwise."""
+    if kafka.consumption == "share" and topics.model_topics:
+        return ModelTopicPlacement(BeaconReader(kafka, topics), topics)
+    if kafka.consumption == "partition" and topics.jobs_routing == "least_loaded":
+        return LeastLoadedPlacement(BeaconReader(kafka, topics), topics)
+    return KeyedPlacement(topics)
