@@ -35,6 +35,7 @@ class AgentState:
     load: Load
     jobs_partitions: frozenset[int]
     accepting: bool
+    mean_switch_s: float = 0.0
 
 
 class AgentBeacon:
@@ -75,12 +76,14 @@ class AgentBeacon:
         record = AgentRecord(
             instance_id=self._instance_id,
             loaded_model=state.loaded_model,
+            hot_model=state.load.hot_model,
             cached_models=self._cached(now, model_changed),
             jobs_partitions=sorted(state.jobs_partitions),
             queued=state.load.queued,
             accepting=state.accepting,
             backlog_s=round(state.load.backlog_s, 3),
             mean_job_s=round(state.load.mean_job_s, 3),
+            mean_switch_s=round(state.mean_switch_s, 3),
         )
         self._send(record.to_bytes())
 
@@ -91,8 +94,9 @@ class AgentBeacon:
         sent = self._sent
         if sent is None or now >= self._sent_at + self._interval_s:
             return True
-        if (state.loaded_model, state.jobs_partitions, state.accepting) != (
+        if (state.loaded_model, state.load.hot_model, state.jobs_partitions, state.accepting) != (
             sent.loaded_model,
+            sent.load.hot_model,
             sent.jobs_partitions,
             sent.accepting,
         ):

@@ -24,9 +24,10 @@ from sdagent.agent.beacon import AgentBeacon, AgentState
 from sdagent.agent.chores import Chores
 from sdagent.agent.controls import Controls
 from sdagent.agent.intake import Intake, JobIntake
+from sdagent.agent.lanes import Lane
 from sdagent.agent.model_lanes import ModelLanes
 from sdagent.agent.runner import JobRunner
-from sdagent.agent.share_intake import Lane, ShareIntake
+from sdagent.agent.share_intake import ShareIntake
 from sdagent.agent.startup import Startup
 from sdagent.backends import registry
 from sdagent.backends.base import Backend
@@ -370,7 +371,7 @@ def _beacon_state(
 ) -> Callable[[], AgentState]:
     def state() -> AgentState:
         partitions = frozenset(p for topic, p in intake.partitions if topic == jobs_topic)
-        return AgentState(runner.current_model, intake.load(), partitions, accepting=not controls.held)
+        return AgentState(runner.current_model, intake.load(), partitions, not controls.held, runner.mean_switch_s)
 
     return state
 

@@ -21,11 +21,14 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from sdagent.agent.share_intake import Lane
+from sdagent.agent.lanes import Lane
 
 log = structlog.get_logger(__name__)
 
 SWEEP_IDLE_S = 5.0  # idle this long, an agent sweeps one more model topic
+# A share consumer fetches nothing until the group has assigned it the topic: measured here,
+# about 1 s after subscribe. Routers are told of the lane only once it has been read this long.
+HOT_LANE_WARM_S = 2.0
 # Empty polls before a lane is left: a poll returns what a fetch brought back, and a fetch may be
 # on its way; a swept lane's consumer also needs a few to join and fetch at all.
 PREVIOUS_EMPTY_POLLS = 3
@@ -51,6 +54,7 @@ class ModelLanes:
         self._clock = clock
         self._next_sweep = zlib.crc32(instance_id.encode()) % max(1, len(self._lanes))
         self._hot: Lane | None = None
+        self._hot_read_since = float("inf")  # when the hot lane's consumer joined (or was joined)
         self._previous: Lane | None = None
         self._swept: Lane | None = None
         self._empty_polls = {"previous": 0, "swept": 0}
@@ -64,6 +68,14 @@ class ModelLanes:
     @property
     def after_jobs(self) -> list[Lane]:
         return [lane for lane in (self._previous, self._swept) if lane is not None]
+
+    def routable_model(self, loaded_model: str | None) -> str | None:
+        """``loaded_model`` once its topic has been read long enough to take a routed job at once."""
+        hot_topic = self._hot.topic if self._hot is not None else None
+        warm = self._clock() >= self._hot_read_since + HOT_LANE_WARM_S
+        if loaded_model and warm and hot_topic == self._topic_of_model(loaded_model):
+            return loaded_model
+        return None
 
     def follow(self, loaded_model: str | None, idle_for_s: float, holding: Callable[[Lane], bool]) -> None:
         """Before a poll: read the loaded model's topic, and sweep another after a long idle."""
@@ -97,6 +109,7 @@ class ModelLanes:
             if lane is not None:
                 lane.leave()
         self._hot = self._previous = self._swept = None
+        self._hot_read_since = float("inf")
         self._retired.clear()
 
     def _rotate(self, hot: Lane | None, holding: Callable[[Lane], bool]) -> None:
@@ -109,8 +122,11 @@ class ModelLanes:
             self._retire(previous, holding)  # a third model: the one before the last is done
         self._previous, self._empty_polls["previous"] = old, 0
         self._hot = hot
+        self._hot_read_since = self._clock()
         if hot is not None and hot.consumer is None:
             hot.join()
+        elif hot is not None:  # it was being read already (the previous or the swept lane)
+            self._hot_read_since -= HOT_LANE_WARM_S
         log.info("intake.model_lane", hot=hot.topic if hot else None,
                  previous=self._previous.topic if self._previous else None)  # fmt: skip
 

@@ -166,6 +166,7 @@ class JobRunner:
         self._clock = clock
         # The model the last job ran on, as jobs name it: the intake prefers held jobs for it.
         self.current_model: str | None = None
+        self.mean_switch_s = 0.0  # moving average of model switches here (0 before the first)
 
     def run(self, delivery: Delivery, control: JobControl) -> Outcome:
         try:
@@ -315,6 +316,8 @@ class JobRunner:
         since = time.perf_counter()
         self._backend.switch_model(model)
         timings.measure("switch_ms", since)
+        switch_s = timings.values["switch_ms"] / 1000
+        self.mean_switch_s = switch_s if not self.mean_switch_s else 0.8 * self.mean_switch_s + 0.2 * switch_s
         log.info("model.switched", model=model, switch_ms=timings.values["switch_ms"])
 
     def _wait_backend_ready(self, control: JobControl) -> None:

@@ -32,13 +32,13 @@ and the ledger keeps the first. Long kinds belong on a share group whose lock fi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import structlog
-from confluent_kafka import AcknowledgeType, KafkaException, Message, ShareConsumer
+from confluent_kafka import AcknowledgeType, KafkaException, Message
 
 from sdagent.agent.controls import Controls
 from sdagent.agent.intake import (
@@ -49,48 +49,18 @@ from sdagent.agent.intake import (
     log_record_raised,
     poison_or_retry_later,
 )
+from sdagent.agent.lanes import Lane
+from sdagent.agent.model_lanes import ModelLanes
 from sdagent.agent.runner import JobRunner, Outcome
 from sdagent.agent.slot import JobSlot, Load
 from sdagent.errors import KafkaUnavailable, RecordRefused
 from sdagent.kafka.records import Delivery, Headers, model_of, position
-
-if TYPE_CHECKING:
-    from sdagent.agent.model_lanes import ModelLanes
 
 log = structlog.get_logger(__name__)
 
 COMMIT_TIMEOUT_S = 10.0
 # A retry here must start this long before the record's lock runs out, or it goes back to the fleet.
 LOCK_MARGIN_S = 1.0
-
-
-@dataclass
-class Lane:
-    """One share group the agent takes jobs from: its topic and how to make its consumer.
-
-    Lanes are separate groups, not one group on several topics: a share group's assignor gives
-    each member one partition of the subscription (by hash) once members outnumber partitions,
-    so a member of a two-topic group would read one topic only."""
-
-    name: str
-    topic: str
-    new_consumer: Callable[[], ShareConsumer]
-    consumer: ShareConsumer | None = None  # None while out of the group (held, or closed)
-
-    def join(self) -> ShareConsumer:
-        self.consumer = self.new_consumer()
-        self.consumer.subscribe([self.topic])
-        log.info("intake.subscribed", topic=self.topic, lane=self.name, mode="share")
-        return self.consumer
-
-    def leave(self) -> None:
-        consumer, self.consumer = self.consumer, None
-        if consumer is None:
-            return
-        try:
-            consumer.close()
-        except KafkaException as exc:  # the broker is away: the locks expire and the jobs go on
-            log.warning("intake.close_failed", lane=self.name, error=str(exc))
 
 
 @dataclass(frozen=True)
@@ -220,7 +190,9 @@ class ShareIntake:
         return self._slot.busy
 
     def load(self) -> Load:
-        return self._slot.load(0)  # it never holds a job it is not running
+        load = self._slot.load(0)  # it never holds a job it is not running
+        hot_model = self._models.routable_model(self._runner.current_model) if self._models is not None else None
+        return dataclasses.replace(load, hot_model=hot_model)
 
     @property
     def partitions(self) -> frozenset[tuple[str, int]]:
@@ -244,10 +216,14 @@ class ShareIntake:
         return rest + first if self._lane_streak >= MAX_PRIORITY_STREAK else first + rest
 
     def _poll(self) -> tuple[Lane, list[Message]]:
-        """Poll the lanes in order, the last one with the idle wait, until one brings records."""
+        """Poll the lanes in order until one brings records. One of them waits the idle wait:
+        the loaded model's topic if any (a job is routed there only when this agent is free, so
+        it must start at once), else the last; what reaches the others meanwhile waits a turn."""
         order = self._poll_order()
-        for index, lane in enumerate(order):
-            messages = self._poll_lane(lane, IDLE_POLL_S if index == len(order) - 1 else 0.0)
+        hot = self._models.before_jobs if self._models is not None else []
+        waiting_lane = hot[0] if hot else order[-1]
+        for lane in order:
+            messages = self._poll_lane(lane, IDLE_POLL_S if lane is waiting_lane else 0.0)
             if messages:
                 first = lane is self._lanes[0] and len(order) > 1
                 self._lane_streak = self._lane_streak + 1 if first else 0

@@ -32,6 +32,7 @@ class Load:
     queued: int  # jobs held: read ahead and running
     backlog_s: float  # about how long until it could start one more
     mean_job_s: float  # its moving average of job run times (0 before the first)
+    hot_model: str | None = None  # share mode: the model whose topic it has read for a while
 
 
 @dataclass

@@ -22,6 +22,9 @@ class AgentRecord(BaseModel):
     schema_version: int = SCHEMA_VERSION
     instance_id: str = Field(min_length=1, max_length=256)
     loaded_model: str | None = None
+    # Share mode with model topics: the model whose topic it reads, and has long enough to take a
+    # job routed there at once. What ModelTopicPlacement routes by (loaded_model may be newer).
+    hot_model: str | None = None
     cached_models: list[str] = Field(default_factory=list)
     # The jobs topic's partitions the agent holds (partition-bound consumption; empty in a share group).
     jobs_partitions: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=10_000)
@@ -30,6 +33,7 @@ class AgentRecord(BaseModel):
     # held jobs at its average run time (mean_job_s). What load-aware routing compares.
     backlog_s: float = Field(0.0, ge=0, allow_inf_nan=False)
     mean_job_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    mean_switch_s: float = Field(0.0, ge=0, allow_inf_nan=False)  # its model switches' moving average
     accepting: bool = True  # false while held (draining, backend down, warm pool): route elsewhere
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 

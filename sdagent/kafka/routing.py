@@ -131,24 +131,25 @@ class AgentLoads:
             return self._rng.choice(partitions)
 
     def holders(self, model: str) -> list[str]:
-        """The fresh, accepting agents with ``model`` loaded, busy or not."""
+        """The fresh, accepting agents reading ``model``'s topic, busy or not."""
         with self._lock:
             return sorted(
-                key for key, agent in self._agents.items() if self._fresh(agent) and agent.record.loaded_model == model
+                key for key, agent in self._agents.items() if self._fresh(agent) and agent.record.hot_model == model
             )
 
     def take_idle_holder(self, model: str) -> bool:
-        """Whether a fresh agent with ``model`` loaded is free, or will be sooner than one job
-        (waiting that long beats a switch, which costs several jobs' time on a GPU), counting the
-        jobs sent it since its beacon; if so the soonest free one counts this job."""
+        """Whether a fresh agent reading ``model``'s topic will be free sooner than a switch
+        elsewhere would take (its own mean switch time, or one job's time if longer): waiting
+        that long for it costs the job no more than a switch would, and saves the switch's GPU
+        time. Counts the jobs sent it since its beacon; if so the soonest free one counts this."""
         with self._lock:
             now = self._now()
             soon = [
                 agent
                 for agent in self._agents.values()
                 if self._fresh(agent)
-                and agent.record.loaded_model == model
-                and agent.free_in_s(now) < agent.record.mean_job_s
+                and agent.record.hot_model == model
+                and agent.free_in_s(now) < max(agent.record.mean_job_s, agent.record.mean_switch_s)
             ]
             if not soon:
                 return False

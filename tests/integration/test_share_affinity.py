@@ -3,6 +3,7 @@ holding the model is idle, and a job left on a model topic nobody reads is swept
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -53,7 +54,10 @@ def test_a_models_jobs_go_to_the_idle_agent_holding_it(affine):
     view = affine.client._placement._beacons.loads  # what the client routes by
     assert wait_until(lambda: view.holders(MODEL) == ["agent-0"] and view.holders(OTHER) == ["agent-1"], timeout_s=10)
 
-    answers = [affine.client.run(job(m, job_id=f"affine-{i}"), timeout_s=30) for i, m in enumerate([MODEL, OTHER] * 4)]
+    answers = []
+    for i, model in enumerate([MODEL, OTHER] * 4):
+        time.sleep(0.5)  # both idle again, and their beacons say so (a busy holder's job goes to the jobs topic)
+        answers.append(affine.client.run(job(model, job_id=f"affine-{i}"), timeout_s=30))
 
     assert [a.status for a in answers] == [Status.SUCCEEDED] * 8
     assert [a.agent for a in answers] == ["agent-0", "agent-1"] * 4

@@ -3,8 +3,8 @@ it is empty, and a swept one after a long idle; a lane holding a record is never
 
 from __future__ import annotations
 
-from sdagent.agent.model_lanes import PREVIOUS_EMPTY_POLLS, SWEEP_EMPTY_POLLS, ModelLanes
-from sdagent.agent.share_intake import Lane
+from sdagent.agent.lanes import Lane
+from sdagent.agent.model_lanes import HOT_LANE_WARM_S, PREVIOUS_EMPTY_POLLS, SWEEP_EMPTY_POLLS, ModelLanes
 from sdagent.kafka.config import TopicsConfig
 
 
@@ -135,3 +135,17 @@ def test_leaving_all_closes_every_lane_and_a_later_follow_joins_the_hot_one_agai
     assert all(lane.consumer is None for lane in joined)
     model_lanes.follow(b, 0.0, nothing_held)
     assert names(model_lanes.before_jobs) == [TOPICS.model_topic(b)] and model_lanes.before_jobs[0].consumer
+
+
+def test_the_loaded_model_is_told_to_routers_once_its_topic_has_been_read_a_while():
+    a, b, _c = models_on_distinct_topics()
+    clock = Clock()
+    model_lanes = ModelLanes(lanes(), TOPICS.model_topic, "agent-1", clock=clock)
+    model_lanes.follow(a, 0.0, nothing_held)
+    assert model_lanes.routable_model(a) is None  # joined just now: no assignment yet
+    clock.now = HOT_LANE_WARM_S
+    assert model_lanes.routable_model(a) == a
+    assert model_lanes.routable_model(b) is None  # loaded, but its lane is not read yet
+    model_lanes.follow(b, 0.0, nothing_held)
+    model_lanes.follow(a, 0.0, nothing_held)  # back to a: its lane was still read (previous)
+    assert model_lanes.routable_model(a) == a

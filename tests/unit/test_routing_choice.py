@@ -223,7 +223,7 @@ def test_a_record_the_producer_refused_is_sent_again_on_the_next_turn_and_the_to
 
 
 def holder(name: str, model: str | None, queued: int = 0, **fields) -> AgentRecord:
-    fields = {"mean_job_s": 0.3, "backlog_s": 0.3 * queued, **fields}
+    fields = {"mean_job_s": 0.3, "backlog_s": 0.3 * queued, "hot_model": model, **fields}
     return AgentRecord(instance_id=name, loaded_model=model, queued=queued, at=NOW, **fields)
 
 
@@ -255,9 +255,20 @@ def test_a_holder_that_has_run_nothing_takes_one_job_at_a_time():
     assert view2.pick() == KEYED  # no partitions in share mode: nothing for partition routing
 
 
+def test_a_holder_is_waited_for_while_it_is_free_sooner_than_a_switch_would_take():
+    view = loads(holder("a", "sd15", queued=3, backlog_s=4.0, mean_switch_s=5.0))  # 4 s of work, switch 5 s
+    # free in 4.0, 4.3, 4.6, 4.9 s: sooner than a switch; then 5.2 s: a switch elsewhere is sooner
+    assert [view.take_idle_holder("sd15") for _ in range(5)] == [True, True, True, True, False]
+
+
+def test_a_holder_whose_topic_is_not_read_long_enough_yet_does_not_count():
+    assert not loads(holder("a", "sd15", hot_model=None)).take_idle_holder("sd15")  # just switched
+
+
 def test_a_stale_or_held_holder_does_not_count():
     assert not loads(holder("a", "sd15", accepting=False)).take_idle_holder("sd15")
-    stale = AgentRecord(instance_id="a", loaded_model="sd15", at=NOW - timedelta(seconds=STALE_AFTER_S + 1))
+    stale = AgentRecord(instance_id="a", loaded_model="sd15", hot_model="sd15", mean_job_s=0.3,
+                        at=NOW - timedelta(seconds=STALE_AFTER_S + 1))  # fmt: skip
     assert not loads(stale).take_idle_holder("sd15")
 
 
