@@ -13,7 +13,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[gateway,sim,test]'
+	$(VENV)/bin/python -m pip install -q -e '.[gateway,sim,fleetsim,test]'
 	touch $@
 
 # Java, Maven, python3-venv, Go, systemd-analyze, shellcheck, cfn-lint, packer: seconds once
