@@ -48,11 +48,8 @@ class Template:
 
     def value(self, raw: Any) -> Any:
         """``raw`` with every ``Ref`` to a parameter replaced by its value."""
-        if isinstance(raw, dict) and set(raw) == {"Ref"}:
-            name = raw["Ref"]
-            if name not in self.parameters:
-                raise KeyError(f"{self.path.name}: Ref {name} is not a parameter")
-            return self.parameters[name]
+        if isinstance(raw, dict) and set(raw) == {"Ref"} and raw["Ref"] in self.parameters:
+            return self.parameters[raw["Ref"]]  # a Ref to a resource or a pseudo parameter stays
         if isinstance(raw, dict):
             return {key: self.value(item) for key, item in raw.items()}
         if isinstance(raw, list):

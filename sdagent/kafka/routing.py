@@ -44,6 +44,7 @@ METADATA_TIMEOUT_S = 5.0
 METADATA_REFRESH_S = 30.0  # the jobs topic's partition count: it only grows, and rarely
 KEYED = -1  # librdkafka's "no partition given": its partitioner hashes the key
 UNKNOWN_JOB_S = 1.0  # what a job sent to an agent that has run none yet is taken to cost
+DEMAND_HALF_LIFE_S = 60.0  # how fast a model's recent demand is forgotten
 
 
 class Placement(Protocol):
@@ -157,6 +158,23 @@ class AgentLoads:
             min(soon, key=lambda agent: agent.free_in_s(now)).sent_since += 1
             return True
 
+    def take_free_switcher(self, demand: Callable[[str], float]) -> str | None:
+        """The hot model of the free agent (free now, by its beacon and the jobs sent it since)
+        whose model ``demand`` rates lowest, counting this job; None when none is free."""
+        with self._lock:
+            now = self._now()
+            free = [
+                agent
+                for agent in self._agents.values()
+                if self._fresh(agent) and agent.record.hot_model and agent.free_in_s(now) == 0
+            ]
+            if not free:
+                return None
+            self._rng.shuffle(free)
+            chosen = min(free, key=lambda agent: demand(agent.record.hot_model or ""))
+            chosen.sent_since += 1
+            return chosen.record.hot_model
+
     def _fresh(self, agent: _Agent) -> bool:
         record = agent.record
         age_s = (self._now() - record.at).total_seconds()
@@ -164,6 +182,21 @@ class AgentLoads:
 
     def _in_topic(self, agent: _Agent) -> bool:
         return any(p < self._partition_count for p in agent.record.jobs_partitions)
+
+
+class ModelDemand:
+    """Jobs per model this submitter has seen lately: counts that decay with ``DEMAND_HALF_LIFE_S``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._counts: dict[str, tuple[float, float]] = {}  # model -> (count, as of)
+
+    def seen(self, model: str) -> None:
+        self._counts[model] = (self.rate(model) + 1, self._clock())
+
+    def rate(self, model: str) -> float:
+        count, at = self._counts.get(model, (0.0, self._clock()))
+        return count * 0.5 ** ((self._clock() - at) / DEMAND_HALF_LIFE_S)
 
 
 class BeaconReader:
@@ -249,19 +282,30 @@ class LeastLoadedPlacement:
 
 
 class ModelTopicPlacement:
-    """Share mode with model topics: a jobs-topic job goes to its model's topic when an agent
-    holding the model is idle (it takes it within a fetch, no switch), else to the jobs topic
-    (the next idle agent takes it, switching if it must): affinity never makes a job wait."""
+    """Share mode with model topics. A jobs-topic job goes to its model's topic when an agent
+    reading it will be free sooner than a switch would take (no switch at all); else, to the
+    topic of the free agent whose model this submitter has seen least in demand lately, so that
+    the agent that switches is the one whose model is missed least (not whichever polls first,
+    which may hold the most popular model); else to the jobs topic."""
 
-    def __init__(self, beacons: BeaconReader, topics: TopicsConfig) -> None:
+    def __init__(
+        self, beacons: BeaconReader, topics: TopicsConfig, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._beacons = beacons
         self._topics = topics
+        self._demand = ModelDemand(clock)
 
     def place(self, job: Job) -> tuple[str, int]:
         topic = jobs_topic_of(job, self._topics)
-        model_topic = self._topics.model_topic(job.model)
-        if topic == self._topics.jobs and model_topic and self._beacons.loads.take_idle_holder(job.model):
-            return model_topic, KEYED
+        if topic != self._topics.jobs or not self._topics.model_topics:
+            return topic, KEYED
+        self._demand.seen(job.model)
+        loads = self._beacons.loads
+        if loads.take_idle_holder(job.model):
+            return self._topics.model_topic(job.model) or topic, KEYED
+        evicted = loads.take_free_switcher(self._demand.rate)
+        if evicted is not None:
+            return self._topics.model_topic(evicted) or topic, KEYED
         return topic, KEYED
 
     def close(self) -> None:

@@ -302,3 +302,28 @@ def test_model_topics_are_refused_without_model_keys_and_in_partition_mode():
     topics = TopicsConfig(jobs_key="model", model_topics=4)
     assert set(topics.model_topic_names) <= topics.fleet_topics
     assert topics.model_topic("sd15") in topics.model_topic_names
+
+
+def test_a_job_no_holder_can_take_soon_goes_to_the_free_agent_whose_model_is_least_in_demand():
+    from sdagent.kafka.routing import ModelTopicPlacement
+
+    topics = TopicsConfig(jobs_key="model", model_topics=64)
+    view = loads(holder("hot", "popular"), holder("cold", "rare"), holder("busy", "other", queued=2, backlog_s=9))
+    clock = Clock()
+    placement = ModelTopicPlacement(FakeBeacons(view), topics, clock=clock)  # type: ignore[arg-type]
+    for _ in range(5):
+        placement._demand.seen("popular")  # what this submitter saw lately
+    assert placement.place(Job(model="flux")) == (topics.model_topic("rare"), KEYED)  # "cold" switches
+    assert placement.place(Job(model="flux2")) == (topics.model_topic("popular"), KEYED)  # then "hot" is all left
+    assert placement.place(Job(model="flux3")) == (topics.jobs, KEYED)  # nobody free: the shared queue
+
+
+def test_model_demand_decays_by_half_each_half_life():
+    from sdagent.kafka.routing import DEMAND_HALF_LIFE_S, ModelDemand
+
+    clock = Clock()
+    demand = ModelDemand(clock)
+    demand.seen("a")
+    demand.seen("a")
+    clock.now = DEMAND_HALF_LIFE_S
+    assert demand.rate("a") == pytest.approx(1.0) and demand.rate("b") == 0
