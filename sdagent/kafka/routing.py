@@ -1,18 +1,18 @@
-"""Load-aware routing for partition-bound consumption: send a job to a lightly loaded agent.
+"""Where a submitter (Client, gateway) sends a job, from the agents' beacons.
 
-With a consumer group each agent runs its own partitions' jobs in order, so a job keyed to a busy
-agent's partition waits while other GPUs idle (docs/share-groups.md measures it). A submitter
-with ``[topics] jobs_routing = "least_loaded"`` reads the agents' beacons (the compacted agents
-topic: each agent's partitions and the jobs it holds, sent at least every second) and, per job,
-draws two agents at random and sends the job to a partition of the one holding fewer jobs
-(power of two choices: nearly the balance of asking every agent, without every submitter
-crowding the same least loaded one). Jobs this submitter sent to an agent since its last beacon
-count towards its load. With no fresh beacon (a new fleet, the agents topic unreadable, every
-agent held) the job is keyed as usual: routing only ever improves on plain keying.
+Partition mode, ``[topics] jobs_routing = "least_loaded"``: each agent runs its own partitions'
+jobs in order, so a job keyed to a busy agent's partition waits while other GPUs idle
+(docs/share-groups.md measures it). The submitter reads the beacons (the compacted agents topic:
+each agent's partitions, jobs held and time until free, sent at least every second) and per job
+draws ``routing_choices`` agents (2: power of two choices, so that many submitters do not all
+crowd the same agent between beacons; 0: all) and sends the job to a partition of the one free
+soonest. Jobs this submitter sent an agent since its last beacon count towards its load.
 
-Share groups need none of this (any idle agent takes the next job); the router is not started
-there, nor for the priority lane (agents take from it first anyway), nor with ``jobs_key =
-"model"`` (keying by model places jobs by model; the settings refuse both at once).
+Share mode, ``[topics] model_topics``: a job goes to its model's topic while an agent reading it
+will be free soon (``ModelTopicPlacement``). With no fresh beacon (a new fleet, the agents topic
+unreadable, every agent held) a job goes where keying puts it: placement only ever improves on
+plain keying. The priority lane is always keyed (agents take from it first anyway), and
+``least_loaded`` with ``jobs_key = "model"`` is refused by the settings.
 """
 
 from __future__ import annotations
@@ -250,24 +250,24 @@ class BeaconReader:
             log.warning("router.bad_agent_record", key=key, offset=message.offset(), error=str(exc))
 
     def _partition_count(self, topic: str) -> int:
+        return len(self._partitions_of(topic))
+
+    def _assign_agents_topic(self) -> None:
+        topic = self._topics.agents
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in self._partitions_of(topic)])
+
+    def _partitions_of(self, topic: str) -> list[int]:
         metadata = self._consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
         found = metadata.topics.get(topic)
         if found is None or found.error is not None:
             raise LookupError(f"topic {topic} not found: {found.error if found else 'no metadata'}")
-        return len(found.partitions)
-
-    def _assign_agents_topic(self) -> None:
-        topic = self._topics.agents
-        metadata = self._consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
-        found = metadata.topics.get(topic)
-        if found is None or found.error is not None:
-            raise LookupError(f"topic {topic} not found")
-        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in found.partitions])
+        return sorted(found.partitions)
 
 
 class LeastLoadedPlacement:
     """Partition mode, ``jobs_routing = "least_loaded"``: a jobs-topic job goes to a partition of
-    the less loaded of two agents (the priority lane is taken first by every agent: keyed)."""
+    the agent free soonest of ``routing_choices`` drawn (the priority lane is taken first by
+    every agent: keyed)."""
 
     def __init__(self, beacons: BeaconReader, topics: TopicsConfig) -> None:
         self._beacons = beacons
