@@ -115,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
     hash_key = gateway_commands.add_parser("hash-key", help="make a new API key and print it with its SHA-256")
     hash_key.set_defaults(handler=_gateway_hash_key)
 
+    fleet = commands.add_parser("fleet", help="the fleet at full scale (docs/fleet-simulation.md)")
+    fleet_commands = fleet.add_subparsers(metavar="ACTION")
+    simulate = fleet_commands.add_parser("simulate", help="simulate a scenario on the shipped scaling policy")
+    from sdagent.fleetsim.cli import add_simulate
+
+    add_simulate(simulate)
+    simulate.set_defaults(handler=_fleet_simulate)
+
     devstack = commands.add_parser("devstack", help="local Kafka + moto + simulated backend + agent, run demo jobs")
     devstack.add_argument("--jobs", type=int, default=5, help="how many demo jobs (default 5)")
     devstack.set_defaults(handler=_devstack)
@@ -295,6 +303,13 @@ def _topics_create(args: argparse.Namespace) -> int:
 def _sim(args: argparse.Namespace) -> int:
     _from_extra("sim", "sdagent.sim.server", "run")  # aiohttp: imported by run_from_args, named here
     from sdagent.sim.cli import run_from_args
+
+    return run_from_args(args)
+
+
+def _fleet_simulate(args: argparse.Namespace) -> int:
+    _from_extra("fleetsim", "sdagent.fleetsim.fleet", "Fleet")  # simpy, numpy, matplotlib: named if missing
+    from sdagent.fleetsim.cli import run_from_args
 
     return run_from_args(args)
 
