@@ -41,7 +41,9 @@ class Fleet:
         models = scenario.jobs.models
         large = model_rng.random(models.count) < models.large_share
         self.model_gb = np.where(large, models.large_gb, models.small_gb)
-        self.recorder = Recorder(int(scenario.duration_s), scenario.traffic.sync_timeout_s)
+        names = [k.name for k in scenario.jobs.kinds]
+        latency_kind = names.index("image") if "image" in names else 0
+        self.recorder = Recorder(int(scenario.duration_s), scenario.traffic.sync_timeout_s, latency_kind)
         costs = ModelCosts(scenario.instance, self.model_gb, self.recorder)
         self._mean_job_s = sum(k.share * k.seconds for k in scenario.jobs.kinds)
         self.intake: SharedQueue | PartitionQueues

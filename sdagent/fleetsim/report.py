@@ -81,7 +81,7 @@ def _latency(axes: Any, r: Recorder, minutes: np.ndarray, summary: dict[str, Any
     axes.axhline(summary["latency_goal_s"], color="grey", linestyle="--", label="goal")
     axes.set_yscale("log")
     axes.set_ylabel("seconds")
-    axes.set_title("latency of the jobs answered each minute")
+    axes.set_title(f"latency of the {summary['latency_of']} jobs answered each minute")
     axes.legend()
 
 

@@ -26,6 +26,7 @@ def summarise(fleet: Fleet) -> dict[str, Any]:
         "served_jobs": count.served,
         "unfinished_jobs": count.offered - count.served,
         "served_per_s": round(count.served / scenario.duration_s, 2),
+        "latency_of": scenario.jobs.kinds[recorder.latency_kind].name,
         "e2e_p50_s": _percentile(e2e, 50),
         "e2e_p99_s": _percentile(e2e, 99),
         "e2e_max_s": round(float(e2e.max()), 3) if e2e.size else None,

@@ -18,6 +18,7 @@ from sdagent.fleetsim.summary import summarise
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = sorted((ROOT / "fleet" / "scenarios").glob("*.yaml"))
+STEP_SPIKE = ROOT / "fleet" / "scenarios" / "step-spike.yaml"
 
 
 class _Seen:
@@ -120,7 +121,7 @@ def test_a_drain_releases_a_job_that_would_outrun_the_deadline_and_it_runs_again
 
 
 def test_a_scenario_with_a_wrong_key_or_value_is_refused_naming_it(tmp_path):
-    scenario = SCENARIOS[0]
+    scenario = STEP_SPIKE
     with pytest.raises(ValueError, match=r"intake.mode: Input should be 'share' or 'partition'"):
         load(scenario, {"intake.mode": "queue"})
     with pytest.raises(ValueError, match=r"intake.affinty: Extra inputs are not permitted"):
@@ -134,7 +135,7 @@ def test_a_scenario_with_a_wrong_key_or_value_is_refused_naming_it(tmp_path):
 
 def test_a_template_parameter_the_scenario_names_wrongly_is_refused():
     with pytest.raises(ValueError, match="fleet.yaml has no parameter MaxSise"):
-        Fleet(load(SCENARIOS[0], {"templates.fleet.parameters": {"MaxSise": 10}}))
+        Fleet(load(STEP_SPIKE, {"templates.fleet.parameters": {"MaxSise": 10}}))
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda p: p.stem)
@@ -151,7 +152,7 @@ def test_the_shipped_target_is_what_scales_the_fleet():
     """A lower BacklogPerInstanceTarget in the template means more instances for the same load."""
     runs = {}
     for target in (4, 1):
-        fleet = Fleet(load(SCENARIOS[0], {"duration_s": 1800, "templates.fleet.parameters.BacklogPerInstanceTarget": target}))  # fmt: skip
+        fleet = Fleet(load(STEP_SPIKE, {"duration_s": 1800, "templates.fleet.parameters.BacklogPerInstanceTarget": target}))  # fmt: skip
         fleet.run()
         runs[target] = summarise(fleet)["instances_ready_mean"]
     assert runs[1] > runs[4]
@@ -161,7 +162,7 @@ def test_the_command_writes_the_report_and_prints_the_summary_as_its_last_line(t
     from sdagent.cli import main
 
     out = tmp_path / "report"
-    rc = main(["fleet", "simulate", str(SCENARIOS[0]), "--out", str(out), "--set", "duration_s=600", "--no-progress"])
+    rc = main(["fleet", "simulate", str(STEP_SPIKE), "--out", str(out), "--set", "duration_s=600", "--no-progress"])
     assert rc == 0
     names = {p.name for p in out.iterdir()}
     assert {"throughput.png", "instances.png", "queue.png", "latency.png", "cost.png", "summary.json"} <= names
@@ -172,5 +173,5 @@ def test_the_command_writes_the_report_and_prints_the_summary_as_its_last_line(t
 def test_the_command_refuses_a_bad_scenario_naming_the_key(tmp_path, capsys):
     from sdagent.cli import main
 
-    rc = main(["fleet", "simulate", str(SCENARIOS[0]), "--out", str(tmp_path), "--set", "spot.notice_s=-1"])
+    rc = main(["fleet", "simulate", str(STEP_SPIKE), "--out", str(tmp_path), "--set", "spot.notice_s=-1"])
     assert rc == 2 and "spot.notice_s" in capsys.readouterr().err and not list(tmp_path.iterdir())
