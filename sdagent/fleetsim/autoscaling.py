@@ -176,7 +176,7 @@ class Group:
         return instance
 
     def _scale_in(self, count: int) -> None:
-        candidates = [i for i in self.live if not i.protected]
+        candidates = [i for i in self.live if not i.protected and i.state is not State.DRAINING]
         if not candidates:
             return  # every instance is busy: AWS retries the scale-in later
         chosen = self._rng.choice(len(candidates), min(count, len(candidates)), replace=False)

@@ -60,6 +60,7 @@ class Instance:
         """Launches (or starts from the warm pool); ``booted``: in service at once (t=0)."""
         self.launched_at = -math.inf if booted else self.fleet.env.now
         self.stop_request = self.fleet.env.event()
+        self.on_ready = []  # a previous life's callbacks (a replacement's) are done
         self.process = self.fleet.env.process(self._life(warm, into_pool, booted))
 
     def terminate(self, deadline: float, to_pool: bool = False) -> None:

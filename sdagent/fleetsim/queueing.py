@@ -41,6 +41,13 @@ class Job:
         self.partition = -1
         self.taken = False
 
+    def again(self) -> Job:
+        """The job queued once more after a cut-short run: a new entry, so that the stale ones
+        the queues still hold (removed lazily) stay taken."""
+        copy = Job(self.at, self.kind, self.service_s, self.model, self.sync)
+        copy.attempt = self.attempt + 1
+        return copy
+
 
 class Recorder(Protocol):
     def started(self, job: Job, at: float) -> None: ...
@@ -177,9 +184,7 @@ class _Intake:
         agent.token += 1
         self.running -= 1
         self._recorder.interrupted(job, at)
-        job.attempt += 1
-        job.start = math.nan
-        self._requeue(job, at)
+        self._requeue(job.again(), at)
         return at
 
     def hold(self, agent: Agent, at: float) -> None:
@@ -204,8 +209,7 @@ class _Intake:
             agent.token += 1
             self.running -= 1
             self._recorder.interrupted(job, at)
-            job.attempt += 1
-            self._requeue(job, at)
+            self._requeue(job.again(), at)
         agent.taking = False
         self.agents.remove(agent)
         self._left(agent, at)
@@ -317,7 +321,6 @@ class SharedQueue(_Intake):
         self._push(at + self._intake.release_s, _RELEASED, job)
 
     def _released(self, job: Job, at: float) -> None:
-        job.taken = False
         agent = self._idle_agent_for(job.model)
         if agent is None:
             self._enqueue(job, front=True)  # its offset is the oldest: the broker hands it out first
