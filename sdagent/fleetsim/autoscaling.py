@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +26,8 @@ from sdagent.fleetsim.cloudwatch import MetricStore
 from sdagent.fleetsim.instance import Instance, State
 from sdagent.fleetsim.policy import JOBS_PER_INSTANCE, GroupPolicy, StepAlarm
 
-if TYPE_CHECKING:
-    from sdagent.fleetsim.fleet import Fleet
+# The fleet (sdagent.fleetsim.fleet.Fleet) is typed Any here: it imports this module.
+Fleet = Any
 
 RECONCILE_S = 10
 COMPARISONS: dict[str, Callable[[float, float], bool]] = {

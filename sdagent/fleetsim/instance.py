@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Generator
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import simpy
 
 from sdagent.fleetsim.queueing import Agent
 
-if TYPE_CHECKING:
-    from sdagent.fleetsim.fleet import Fleet
+# The fleet (sdagent.fleetsim.fleet.Fleet) is typed Any here: it imports this module.
+Fleet = Any
 
 
 class State(Enum):
@@ -34,10 +34,6 @@ class State(Enum):
 
 
 BILLED = {State.BOOTING, State.READY, State.DRAINING, State.PREPARING}
-
-
-class Reclaimed(Exception):
-    """The instance is gone now (a spot reclaim), whatever it was doing."""
 
 
 class Instance:
@@ -70,7 +66,7 @@ class Instance:
 
     def reclaim(self) -> None:
         if self.process is not None and self.process.is_alive:
-            self.process.interrupt(Reclaimed())
+            self.process.interrupt("reclaimed")  # gone now, whatever it was doing
 
     @property
     def protected(self) -> bool:
