@@ -119,10 +119,10 @@ class Fleet:
         bar.update(duration % 60)
 
     def _close_second(self, t: int) -> None:
-        self.cost += sum(self._price(*key) * n for key, n in self.billed.items()) / HOUR_S
-        self.cost += self.stopped * self.scenario.prices.root_gb * self.scenario.prices.ebs_gb_month / MONTH_S
         for key, n in self.billed.items():
             self.instance_hours[key] = self.instance_hours.get(key, 0.0) + n / HOUR_S
+            self.cost += self._price(*key) * n / HOUR_S
+        self.cost += self.stopped * self.scenario.prices.root_gb * self.scenario.prices.ebs_gb_month / MONTH_S
         intake = self.intake
         self.recorder.second(
             t, self._rate_now, self._arrived_now, intake.waiting, intake.running, self.states, self.cost

@@ -172,19 +172,12 @@ class _Intake:
 
     def drain(self, agent: Agent, at: float, deadline: float) -> float:
         """Takes no new job for ``agent``; when it can leave: its job finished or released."""
-        self.run_until(at)
-        agent.taking = False
-        self._stopped_taking(agent, at)
-        job = agent.job
-        if job is None:
+        self.hold(agent, at)
+        if agent.job is None:
             return at
         if agent.free_at <= deadline - self._instance.drain_margin_s:
             return agent.free_at
-        agent.job = None
-        agent.token += 1
-        self.running -= 1
-        self._recorder.interrupted(job, at)
-        self._requeue(job.again(), at)
+        self._cut_short(agent, at)
         return at
 
     def hold(self, agent: Agent, at: float) -> None:
@@ -205,14 +198,19 @@ class _Intake:
         """The agent is gone (closed its consumer, or its instance was reclaimed)."""
         self.run_until(at)
         if agent.job is not None:  # reclaimed mid-job (no drain)
-            job, agent.job = agent.job, None
-            agent.token += 1
-            self.running -= 1
-            self._recorder.interrupted(job, at)
-            self._requeue(job.again(), at)
+            self._cut_short(agent, at)
         agent.taking = False
         self.agents.remove(agent)
         self._left(agent, at)
+
+    def _cut_short(self, agent: Agent, at: float) -> None:
+        """Stops the agent's running job (its pending finish goes stale) and queues it again."""
+        job = cast(Job, agent.job)
+        agent.job = None
+        agent.token += 1
+        self.running -= 1
+        self._recorder.interrupted(job, at)
+        self._requeue(job.again(), at)
 
     # --- the loop -------------------------------------------------------------------------------
 
