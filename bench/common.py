@@ -159,7 +159,7 @@ def preload_jobs(bootstrap: str, topic: str, job_ids: Iterable[str]) -> int:
         producer.produce(
             topic,
             key=job_id.encode(),
-            value=job.model_dump_json(exclude_none=True).encode(),
+            value=job.to_bytes(),
             on_delivery=lambda err, _msg: err is not None and failures.append(err),
         )
         producer.poll(0)

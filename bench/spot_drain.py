@@ -341,9 +341,7 @@ def submit_jobs(bootstrap: str, topic: str, job_ids: list[str]) -> dict[str, int
 
     for job_id in job_ids:
         job = bench_job(job_id, steps=STEPS)
-        producer.produce(
-            topic, key=job_id.encode(), value=job.model_dump_json(exclude_none=True).encode(), on_delivery=delivered
-        )
+        producer.produce(topic, key=job_id.encode(), value=job.to_bytes(), on_delivery=delivered)
     remaining = producer.flush(30)
     if remaining or failures or len(partitions) != len(job_ids):
         raise RuntimeError(f"queueing jobs on {topic}: {remaining} undelivered, errors {failures[:3]}")

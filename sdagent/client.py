@@ -70,7 +70,7 @@ class Client:
         """Queue ``job`` and return it (with its job id) once the broker has it durably."""
         job = _as_job(job)
         topic, partition = self._placement.place(job)
-        self._produce_durably(topic, job_key(job, self._topics), job.model_dump_json(exclude_none=True).encode(),
+        self._produce_durably(topic, job_key(job, self._topics), job.to_bytes(),
                               job_headers(job), partition)  # fmt: skip
         log.info("client.submitted", job_id=job.job_id)
         return job

@@ -114,6 +114,10 @@ class Webhook(BaseModel):
     url: str = Field(..., max_length=2048, pattern=r"^https?://[^\s/?#]+[^\s]*$")
 
 
+# Defaults a receiver must not draw again: a new job id would be a new job.
+_ALWAYS_SENT = frozenset({"schema_version", "job_id"})
+
+
 class Job(BaseModel):
     """One generation job, as read from the jobs topic."""
 
@@ -176,6 +180,15 @@ class Job(BaseModel):
         if fmt is not None and fmt.is_video != (self.kind is JobKind.TXT2VID):
             raise ValueError(f"output format {fmt.value} does not fit kind {self.kind.value}")
         return self
+
+    def to_bytes(self) -> bytes:
+        """The job as it goes on the wire: the fields its caller set, plus its identity.
+
+        Only what was set, so that a receiver's ``model_fields_set`` is the caller's: a workflow
+        job's graph keeps its own settings where the caller gave no job field for them.
+        """
+        fields = self.model_fields_set | _ALWAYS_SENT
+        return self.model_dump_json(include=fields, exclude_none=True).encode()
 
     @property
     def output_format(self) -> OutputFormat:

@@ -57,7 +57,7 @@ class JobQueue:
         topic, partition = self._placement.place(job)
         try:
             self._producer.produce(topic, key=job_key(job, self._topics),
-                                   value=job.model_dump_json(exclude_none=True).encode(), headers=job_headers(job),
+                                   value=job.to_bytes(), headers=job_headers(job),
                                    partition=partition, on_delivery=_resolver(loop, deliveries[0]))  # fmt: skip
             self._producer.produce(self._topics.results, key=job.job_id.encode(), value=queued.to_bytes(),
                                    headers=[(STATUS_HEADER, Status.QUEUED.value.encode())],

@@ -122,7 +122,7 @@ class StatusPublisher:
             jobs_topic_of(job, self._topics),
             None,
             job_key(job, self._topics),
-            job.model_dump_json(exclude_none=True).encode(),
+            job.to_bytes(),
             [*job_headers(job), (REQUEUED_BY_HEADER, self._agent_id.encode())],
             deliveries,
         )

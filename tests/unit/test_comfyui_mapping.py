@@ -22,7 +22,7 @@ from sdagent.backends.comfyui import ComfyUIBackend
 from sdagent.backends.comfyui.errors import execution_error, rejected
 from sdagent.backends.comfyui.transport import PromptWatch
 from sdagent.errors import BackendError, BackendUnavailable, ConfigError, ModelNotFound, UnsupportedJob
-from sdagent.jobs import Job
+from sdagent.jobs import Job, Limits, parse_job
 
 SAVERS = {"SaveImage": "png", "SaveWEBM": "webm", "SaveAnimatedWEBP": "webp"}
 
@@ -373,3 +373,14 @@ def test_the_watch_keeps_to_its_prompt_and_times_its_nodes() -> None:
     assert not watch.ended
     feed("executing", 2.5, node=None, prompt_id="p1")
     assert watch.ended and watch.node_ms == {"4": 500.0, "3": 1500.0}
+
+
+def test_a_workflow_job_sent_over_the_wire_keeps_its_graphs_settings(backend, fake) -> None:
+    """Client, gateway and requeue send ``Job.to_bytes()``: defaults the caller left out stay out."""
+    sent = Job(model="sd15.safetensors", kind="workflow", workflow=_graph())
+    received = parse_job(sent.to_bytes(), Limits())
+    backend.generate(received, lambda step, total: None, threading.Event())
+    expected = _graph()
+    expected["4"]["inputs"]["ckpt_name"] = "sd15.safetensors"
+    assert fake.prompts == [expected]
+    assert received.job_id == sent.job_id
