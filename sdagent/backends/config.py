@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sdagent.webui.config import ProcessConfig
 
@@ -59,6 +59,19 @@ class A1111BackendConfig(WebUIBackendConfig):
     """AUTOMATIC1111 and the WebUIs with its API (Forge, SD.Next) (``kind = "a1111"``)."""
 
     kind: Literal["a1111"] = "a1111"
+
+    @field_validator("process")
+    @classmethod
+    def _launched_on_loopback_or_on_purpose(cls, process: ProcessConfig) -> ProcessConfig:
+        # Without either flag uvicorn binds 0.0.0.0 and [::]: an API with no authentication
+        # (POST /options, /txt2img) on the instance's network.
+        command = process.command or []
+        if command and not {"--server-name", "--listen"} & {arg.split("=", 1)[0] for arg in command}:
+            raise ValueError(
+                "process.command starts AUTOMATIC1111 without --server-name, so its API listens on "
+                'every interface; add "--server-name", "127.0.0.1" (or --listen to mean it)'
+            )
+        return process
 
 
 class ComfyUIBackendConfig(WebUIBackendConfig):

@@ -50,6 +50,8 @@ def test_environment_overrides_the_file(tmp_path, monkeypatch):
         ),
         ('[cache]\nsource = "/srv/models"\nprewarm = "sd15"\n', "cache.prewarm"),
         ('[cache]\nsource = "/srv/models"\nsize = 1\n', "cache.size"),
+        # A1111 without --server-name binds every interface: an open, unauthenticated API.
+        ('[backend]\nkind = "a1111"\n[backend.process]\ncommand = ["./webui.sh", "--nowebui"]\n', "backend.process"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path, text, key):
