@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sdagent.webui.config import ProcessConfig
 
+A1111_ENTRY_POINTS = frozenset({"webui.sh", "webui.py", "launch.py", "webui-user.sh"})
 SIMULATED_READY_TIMEOUT_S = 120.0  # the in-process simulator is ready at once; a bound all the same
 
 
@@ -64,9 +65,12 @@ class A1111BackendConfig(WebUIBackendConfig):
     @classmethod
     def _launched_on_loopback_or_on_purpose(cls, process: ProcessConfig) -> ProcessConfig:
         # Without either flag uvicorn binds 0.0.0.0 and [::]: an API with no authentication
-        # (POST /options, /txt2img) on the instance's network.
+        # (POST /options, /txt2img) on the instance's network. Only A1111's own entry points are
+        # read: a wrapper script of the operator's sets its flags where this cannot see them.
         command = process.command or []
-        if command and not {"--server-name", "--listen"} & {arg.split("=", 1)[0] for arg in command}:
+        starts_a1111 = any(Path(arg).name in A1111_ENTRY_POINTS for arg in command)
+        flags = {arg.split("=", 1)[0] for arg in command}
+        if starts_a1111 and not {"--server-name", "--listen"} & flags:
             raise ValueError(
                 "process.command starts AUTOMATIC1111 without --server-name, so its API listens on "
                 'every interface; add "--server-name", "127.0.0.1" (or --listen to mean it)'

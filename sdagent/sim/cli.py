@@ -39,7 +39,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         prog="sdagent sim",
         description="Simulated Stable Diffusion WebUI: AUTOMATIC1111 and ComfyUI HTTP APIs on one port, no GPU.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", "--server-name", dest="host", default="127.0.0.1")  # A1111 calls it --server-name
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument(
         "--models", nargs="*", metavar="NAME[=MB]", default=list(defaults.DEFAULT_MODELS),

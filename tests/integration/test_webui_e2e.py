@@ -95,10 +95,10 @@ def test_the_webui_dies_with_its_agent_even_when_the_agent_is_sigkilled(pipeline
     # process it starts must go too, not only the shell.
     launcher = tmp_path / "webui.sh"
     sim = " ".join(webui_backend("a1111", port)["process"]["command"])
-    launcher.write_text(f"#!/bin/sh\n{sim}\necho webui exited\n")
+    launcher.write_text(f'#!/bin/sh\n{sim} "$@"\necho webui exited\n')  # passes its flags on, as webui.sh does
     launcher.chmod(0o755)
     backend = webui_backend("a1111", port)
-    backend["process"]["command"] = [str(launcher)]
+    backend["process"]["command"] = [str(launcher), "--server-name", "127.0.0.1"]
     agent = spawn_agent(pipeline.config | {"backend": backend}, tmp_path, "agent")
     try:
         assert wait_until(lambda: _webui_processes(port), timeout_s=60)

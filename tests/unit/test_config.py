@@ -118,3 +118,17 @@ def test_environment_overrides_reach_the_fields_only_one_backend_kind_has(monkey
     assert backend.kind == "comfyui" and backend.url == "http://127.0.0.1:8188"
     assert backend.process.command == ["python", "main.py", "--port", "8188"]
     assert backend.process.env == {"HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        '["/opt/webui/webui.sh", "--nowebui", "--server-name", "127.0.0.1"]',
+        '["python", "launch.py", "--server-name=127.0.0.1"]',
+        '["python", "launch.py", "--listen"]',  # every interface, on purpose
+        '["/usr/local/bin/start-my-webui"]',  # an operator's wrapper sets its own flags
+    ],
+)
+def test_an_a1111_command_that_chooses_where_it_listens_is_accepted(tmp_path, command):
+    settings = load_settings(write(tmp_path, f'[backend]\nkind = "a1111"\n[backend.process]\ncommand = {command}\n'))
+    assert settings.backend.process.command
