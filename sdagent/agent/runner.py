@@ -297,13 +297,14 @@ class JobRunner:
             if self._models.take_rescan():
                 listed = self._backend.refresh_models()
                 log.info("backend.models_refreshed", models=len(listed))
-            self._switch_if_needed(model.name, timings)
+            # The cache and the WebUI may know the model by its full file name ("sd_xl_base_1.0.safetensors").
+            name = self._backend.canonical_model(model.name)
+            self._switch_if_needed(name, timings)
             self.current_model = job.model
             self._publisher.publish(self._event(job, Status.STARTED), reply)
             since = time.perf_counter()
             control.progressed(0, job.steps)
-            # The cache may know the model by its full file name ("sd_xl_base_1.0.safetensors").
-            served = job if model.name == job.model else job.model_copy(update={"model": model.name})
+            served = job if name == job.model else job.model_copy(update={"model": name})
             with self._watch.watch_job(job.job_id):
                 generation = self._backend.generate(served, self._progress_reporter(job, reply, control), control.event)
             timings.measure("inference_ms", since)

@@ -39,6 +39,7 @@ from sdagent.backends.base import Artifact, Backend, Generation, Health, Progres
 from sdagent.backends.http import json_of, send
 from sdagent.errors import BackendError, BackendUnavailable, JobAborted, ModelNotFound, UnsupportedJob
 from sdagent.jobs import Job, JobKind, OutputFormat
+from sdagent.modelnames import is_listed, match_model
 
 log = structlog.get_logger(__name__)
 
@@ -149,7 +150,7 @@ class A1111Backend(Backend):
         if not selected:
             return Health(ready=False, detail="API up, no checkpoint selected (none found?)", models=models)
         self._loaded = loaded = self._name_of(selected)
-        missing = [model for model in self._expected if model not in models]
+        missing = [model for model in self._expected if not is_listed(model, models)]
         detail = f"missing expected models: {', '.join(missing)}" if missing else "ok"
         return Health(ready=True, detail=detail, models=models, loaded_model=loaded)
 
@@ -161,6 +162,10 @@ class A1111Backend(Backend):
                 log.warning("a1111.loaded_model_unknown", error=str(exc))
                 return None
         return self._loaded
+
+    def canonical_model(self, model: str) -> str:
+        checkpoint = self._resolve(model)
+        return checkpoint.name if checkpoint is not None else model
 
     def switch_model(self, model: str) -> None:
         checkpoint = self._resolve(model)
@@ -174,8 +179,8 @@ class A1111Backend(Backend):
         self._loaded = None  # unknown while loading, and after a failed switch
         self._call("POST", "/options", json={"sd_model_checkpoint": checkpoint.title}, timeout=self._long_timeout)
         loaded = self.loaded_model()
-        if loaded != model:
-            raise BackendError(f"A1111 accepted the switch to {model!r} but has {loaded!r} loaded")
+        if loaded != checkpoint.name:
+            raise BackendError(f"A1111 accepted the switch to {checkpoint.name!r} but has {loaded!r} loaded")
         log.info("a1111.model_switched", model=model, previous=previous, ms=round((self._clock() - started) * 1000, 1))
 
     def refresh_models(self) -> tuple[str, ...]:
@@ -365,12 +370,9 @@ class A1111Backend(Backend):
     def _resolve(self, model: str) -> _Checkpoint | None:
         """The checkpoint a job's model names: same path, or the same path without its extension."""
         checkpoints = self._checkpoints if self._checkpoints is not None else self._fetch_checkpoints()
-        for checkpoint in checkpoints:
-            if checkpoint.name == model:
-                return checkpoint
-        stem = os.path.splitext(model)[0]
-        matches = [checkpoint for checkpoint in checkpoints if os.path.splitext(checkpoint.name)[0] == stem]
-        return matches[0] if len(matches) == 1 else None
+        by_name = {checkpoint.name: checkpoint for checkpoint in checkpoints}
+        found = match_model(model, by_name)
+        return by_name[found] if found is not None else None
 
     def _name_of(self, selected: Any) -> str | None:
         """The job-schema name of what ``sd_model_checkpoint`` holds (a title, usually)."""

@@ -83,6 +83,14 @@ class Backend(abc.ABC):
     def interrupt(self) -> None:
         """Stop the running generation as soon as the framework allows; a no-op when idle."""
 
+    def canonical_model(self, model: str) -> str:
+        """The backend's own name for the model a job names (``tiny`` for ``tiny.safetensors``).
+
+        What :meth:`loaded_model` answers is compared with this, never with the job's spelling.
+        The default: the name as given, for backends that list models by the job's names.
+        """
+        return model
+
     def refresh_models(self) -> tuple[str, ...]:
         """Rescan the model folders (the model cache staged a file) and return the model names.
 

@@ -44,6 +44,7 @@ from sdagent.cache.sources.base import ModelSource
 from sdagent.cache.staging import READ_CHUNK, Stager, WriteFn, model_key
 from sdagent.cache.state import DEFAULT_HISTORY_SIZE, CachedModel, Reservation, State, StateStore
 from sdagent.errors import SdagentError
+from sdagent.modelnames import match_model
 
 log = structlog.get_logger(__name__)
 
@@ -596,10 +597,8 @@ class ModelCache:
 
 
 def _resolve_cached(state: State, name: str) -> CachedModel | None:
-    if (cached := state.models.get(name)) is not None:
-        return cached
-    matches = [m for m in state.models.values() if os.path.splitext(m.name)[0] == name]
-    return matches[0] if len(matches) == 1 else None
+    found = match_model(name, state.models)
+    return state.models[found] if found is not None else None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -22,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sdagent.cache.errors import CacheError, ModelNotFound
+from sdagent.modelnames import candidates
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -164,13 +165,11 @@ class Manifest:
     def resolve(self, name: str) -> ModelEntry:
         """The entry named ``name``, or the one model whose name without its suffix is ``name``
         (jobs often say ``sd_xl_base_1.0`` for ``sd_xl_base_1.0.safetensors``)."""
-        if (entry := self._entries.get(name)) is not None:
-            return entry
-        matches = [e for e in self._entries.values() if posixpath.splitext(e.name)[0] == name]
+        matches = candidates(name, self._entries)
         if len(matches) == 1:
-            return matches[0]
+            return self._entries[matches[0]]
         if matches:
-            raise ModelNotFound(f"model {name!r} is ambiguous: {sorted(e.name for e in matches)}")
+            raise ModelNotFound(f"model {name!r} is ambiguous: {sorted(matches)}")
         raise ModelNotFound(f"model {name!r} is not in the store's manifest")
 
     def diff(self, newer: Manifest) -> ManifestDiff:

@@ -35,6 +35,7 @@ import structlog
 from sdagent.backends.base import Backend, Health
 from sdagent.backends.config import WebUIBackendConfig
 from sdagent.gpu.memory import GpuMemoryProbe
+from sdagent.modelnames import is_listed
 from sdagent.webui.config import ProcessConfig
 from sdagent.webui.output import OUTPUT_READ_LIMIT_BYTES, OutputLog, clean_output_line
 from sdagent.webui.process import descendants, launch_guarded, signal_group, signal_name, tree_rss_bytes
@@ -444,7 +445,7 @@ class WebUISupervisor:
         if not health.ready:
             self._probe_failed("probe", health.detail, now, epoch)
             return
-        missing = [model for model in self._expected_models if model not in health.models]
+        missing = [model for model in self._expected_models if not is_listed(model, health.models)]
         if missing:
             self._probe_failed("models_missing", f"missing {', '.join(missing)}", now, epoch)
             return

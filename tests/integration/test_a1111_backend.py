@@ -227,6 +227,15 @@ def test_switch_model_sets_the_checkpoint_option_and_loaded_model_follows(
     assert all("override_settings" not in body for body in recorder.bodies("POST", "/sdapi/v1/txt2img"))
 
 
+def test_a_model_named_without_its_extension_switches_once_and_runs(backend: A1111Backend, recorder: Recorder) -> None:
+    name = backend.canonical_model("styles/dreamy")
+    assert name == NESTED
+    backend.switch_model("styles/dreamy")  # was: "accepted the switch ... but has ... loaded"
+    assert backend.loaded_model() == name
+    assert run(backend, job(model="styles/dreamy")).info["sd_model_name"] == "dreamy"
+    assert recorder.count("POST", "/sdapi/v1/options") == 1
+
+
 def test_a_fresh_backend_reads_the_loaded_model_from_the_options(
     sim: SimulatorThread, backend: A1111Backend, make_backend
 ) -> None:

@@ -18,7 +18,19 @@ from sdagent.config import load_settings
 from sdagent.errors import ConfigError, SdagentError
 
 PACKAGE = Path(sdagent.__file__).parent
-ROOT_MODULES = {"__init__", "__main__", "cli", "client", "config", "errors", "heap", "jobs", "logs", "progress"}
+ROOT_MODULES = {
+    "__init__",
+    "__main__",
+    "cli",
+    "client",
+    "config",
+    "errors",
+    "heap",
+    "jobs",
+    "logs",
+    "modelnames",
+    "progress",
+}
 AGENT_MAX_LINES = 200
 
 

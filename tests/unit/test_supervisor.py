@@ -128,6 +128,13 @@ def attached(probe: FakeProbe, clock: FakeClock, expected=("sd15",), **options) 
     return WebUISupervisor(ProcessConfig(), probe, list(expected), clock=clock, wait=no_wait, **{**defaults, **options})
 
 
+def test_an_expected_model_named_without_its_extension_is_found_in_the_webuis_list() -> None:
+    probe = FakeProbe(Health(ready=True, models=("tiny-a.safetensors", "styles/b.ckpt")))
+    supervisor = attached(probe, FakeClock(), expected=("tiny-a", "styles/b"))
+    supervisor.check()
+    assert supervisor.ready, supervisor.ready_reason
+
+
 def test_ready_needs_every_expected_model_and_one_failed_probe_does_not_flap() -> None:
     clock = FakeClock()
     probe = FakeProbe(Health(ready=True, models=("sd15",)))

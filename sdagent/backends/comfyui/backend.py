@@ -142,6 +142,10 @@ class ComfyUIBackend(Backend):
     def loaded_model(self) -> str | None:
         return self._loaded
 
+    def canonical_model(self, model: str) -> str:
+        found = resolve(model, self._checkpoints if self._checkpoints is not None else self._fetch_checkpoints())
+        return job_name(found) if found is not None else model
+
     def switch_model(self, model: str) -> None:
         """Check that ComfyUI has ``model`` and remember it as the agent's current model.
 
@@ -153,9 +157,10 @@ class ComfyUIBackend(Backend):
         changes, so a checkpoint the model cache just staged is seen.
         """
         names = self._fetch_checkpoints()
-        if resolve(model, names) is None:
+        found = resolve(model, names)
+        if found is None:
             raise ModelNotFound(f"model {model!r} is not among ComfyUI's checkpoints {list(names)}")
-        previous, self._loaded = self._loaded, model
+        previous, self._loaded = self._loaded, job_name(found)
         log.info("comfyui.model_selected", model=model, previous=previous)
 
     def refresh_models(self) -> tuple[str, ...]:

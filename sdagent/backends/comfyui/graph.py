@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 import random
 import re
 from collections.abc import Callable, Iterable
@@ -17,6 +16,7 @@ from sdagent.backends.comfyui.images import STILL_FORMATS, init_image_bytes
 from sdagent.backends.workflows import BUILTIN, Template, TemplateError, load_template
 from sdagent.errors import BackendError, ConfigError, UnsupportedJob
 from sdagent.jobs import Job, JobKind, OutputFormat
+from sdagent.modelnames import match_model
 
 log = structlog.get_logger(__name__)
 
@@ -173,13 +173,9 @@ def job_name(name: str) -> str:
 
 def resolve(model: str, names: Iterable[str]) -> str | None:
     """ComfyUI's name for a job's model: the same path, or the same path without its extension."""
-    names = tuple(names)
-    for name in names:
-        if job_name(name) == model:
-            return name
-    stem = os.path.splitext(model)[0]
-    matches = [name for name in names if os.path.splitext(job_name(name))[0] == stem]
-    return matches[0] if len(matches) == 1 else None
+    spelled = {job_name(name): name for name in names}
+    found = match_model(model, spelled)
+    return spelled[found] if found is not None else None
 
 
 def combo(body: dict[str, Any], node: str, input_name: str) -> tuple[str, ...] | None:
