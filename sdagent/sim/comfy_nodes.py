@@ -2,7 +2,7 @@
 
 Schemas (inputs, limits, return types, categories) follow ``nodes.py`` and, for the two video
 savers, ``comfy_extras/nodes_images.py`` (SaveAnimatedWEBP) and ``comfy_extras/nodes_video.py``
-(SaveWEBM). Values flowing between nodes are recipes, not tensors: a MODEL is the checkpoint's
+(SaveWEBM, CreateVideo, SaveVideo). Values flowing between nodes are recipes, not tensors: a MODEL is the checkpoint's
 name, a LATENT knows its size and the pictures sampling will draw, an IMAGE is a batch of
 :mod:`sdagent.sim.render` pictures. Files really are written to the output directory.
 """
@@ -462,6 +462,64 @@ class SaveWEBM(_SaveAnimation):
         return await self._save(ctx, images, filename_prefix, fps)
 
 
+@dataclass(frozen=True)
+class Clip:
+    """A VIDEO value: the frames and their rate, encoded only when saved."""
+
+    frames: tuple[Picture, ...]
+    fps: float
+
+
+class CreateVideo(Node):
+    name = "CreateVideo"
+    display_name = "Create Video"
+    category = "image/video"
+    description = "Create a video from images."
+    python_module = "comfy_extras.nodes_video"
+    return_types = ("VIDEO",)
+
+    def input_types(self, catalog: Catalog, dirs: Dirs) -> dict[str, Any]:
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The images to create a video from."}),
+                "fps": ("FLOAT", {"default": 30.0, "min": 1.0, "max": 120.0, "step": 1.0}),
+            },
+            "optional": {"audio": ("AUDIO", {"tooltip": "The audio to add to the video."})},
+        }
+
+    async def run(self, ctx: RunContext, images: tuple[Picture, ...], fps: float, **_: Any) -> NodeResult:
+        return NodeResult((Clip(images, fps),), None)
+
+
+class SaveVideo(Node):
+    name = "SaveVideo"
+    display_name = "Save Video"
+    category = "image/video"
+    description = "Saves the input images to your ComfyUI output directory."
+    python_module = "comfy_extras.nodes_video"
+    output_node = True
+
+    def input_types(self, catalog: Catalog, dirs: Dirs) -> dict[str, Any]:
+        return {
+            "required": {
+                "video": ("VIDEO", {"tooltip": "The video to save."}),
+                "filename_prefix": ("STRING", {"default": "video/ComfyUI"}),
+                "format": (["auto", "mp4"], {"default": "auto", "tooltip": "The format to save the video as."}),
+                "codec": (["auto", "h264"], {"default": "auto", "tooltip": "The codec to use for the video."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    async def run(self, ctx: RunContext, video: Clip, filename_prefix: str, **_: Any) -> NodeResult:
+        folder, base, counter, subfolder = save_path(ctx.dirs.root / "output", filename_prefix)
+        filename = f"{base}_{counter:05}_.mp4"  # "auto" and "mp4" both write MP4 (H.264)
+        data = await asyncio.to_thread(animation, video.frames, video.fps, OutputFormat.MP4)
+        await asyncio.to_thread((folder / filename).write_bytes, data)
+        return NodeResult(
+            (), {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}], "animated": [True]}
+        )
+
+
 NODE_CLASSES: tuple[type[Node], ...] = (
     CheckpointLoaderSimple,
     CLIPTextEncode,
@@ -473,6 +531,8 @@ NODE_CLASSES: tuple[type[Node], ...] = (
     SaveImage,
     SaveAnimatedWEBP,
     SaveWEBM,
+    CreateVideo,
+    SaveVideo,
 )
 
 

@@ -202,9 +202,14 @@ def test_txt2vid_makes_a_webm_with_every_frame(backend: ComfyUIBackend) -> None:
     assert generation.info["frames"] == 6 and generation.info["fps"] == 8.0
 
 
-def test_txt2vid_in_mp4_is_unsupported_and_names_what_comfyui_makes(backend: ComfyUIBackend) -> None:
-    with pytest.raises(UnsupportedJob, match="saves webm, webp"):
-        run(backend, job(kind="txt2vid", video={"frames": 4, "fps": 8}))  # mp4 is the video default
+def test_txt2vid_without_a_format_makes_the_default_mp4(backend: ComfyUIBackend) -> None:
+    generation = run(backend, job(kind="txt2vid", video={"frames": 5, "fps": 10}))  # mp4 is the video default
+    (artifact,) = generation.artifacts
+    assert (artifact.content_type, artifact.extension) == ("video/mp4", "mp4")
+    with av.open(io.BytesIO(artifact.data)) as container:
+        frames = list(container.decode(video=0))
+        assert container.streams.video[0].codec_context.name in ("h264", "libx264", "libopenh264")
+    assert len(frames) == 5 and generation.info["fps"] == 10.0
 
 
 # --- workflow jobs ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from sdagent.backends.comfyui.transport import PromptWatch
 from sdagent.errors import BackendError, BackendUnavailable, ConfigError, ModelNotFound, UnsupportedJob
 from sdagent.jobs import Job, Limits, parse_job
 
-SAVERS = {"SaveImage": "png", "SaveWEBM": "webm", "SaveAnimatedWEBP": "webp"}
+SAVERS = {"SaveImage": "png", "SaveWEBM": "webm", "SaveAnimatedWEBP": "webp", "SaveVideo": "mp4"}
 
 
 def _png(width: int = 8, height: int = 8, colour: str = "red") -> bytes:
@@ -165,9 +165,17 @@ def test_jpeg_and_webp_stills_are_reencoded_from_comfyuis_png(backend) -> None:
     assert webp.artifacts[0].data[8:12] == b"WEBP" and webp.artifacts[0].content_type == "image/webp"
 
 
-@pytest.mark.parametrize("fmt", ["mp4", "gif"])
+def test_txt2vid_without_a_format_makes_the_default_mp4(backend, fake) -> None:
+    generation, _ = run(backend, kind="txt2vid", video={"frames": 4, "fps": 8})
+    graph = fake.prompts[0]
+    assert {"save_webm", "save_webp"}.isdisjoint(graph) and graph["save_mp4"]["class_type"] == "SaveVideo"
+    assert graph["video"]["inputs"]["fps"] == 8.0 and graph["save_mp4"]["inputs"]["video"] == ["video", 0]
+    assert [(a.content_type, a.extension) for a in generation.artifacts] == [("video/mp4", "mp4")]
+
+
+@pytest.mark.parametrize("fmt", ["gif"])
 def test_a_video_format_the_graph_cannot_make_names_the_ones_it_can(backend, fake, fmt: str) -> None:
-    with pytest.raises(UnsupportedJob, match=r"saves webm, webp; ask for one of those"):
+    with pytest.raises(UnsupportedJob, match=r"saves mp4, webm, webp; ask for one of those"):
         run(backend, kind="txt2vid", video={"frames": 4, "fps": 8}, output={"format": fmt})
     assert fake.prompts == []
 
@@ -175,7 +183,7 @@ def test_a_video_format_the_graph_cannot_make_names_the_ones_it_can(backend, fak
 def test_txt2vid_keeps_only_the_webm_saver_and_fills_frames_and_fps(backend, fake) -> None:
     generation, _ = run(backend, kind="txt2vid", video={"frames": 6, "fps": 12}, output={"format": "webm"})
     graph = fake.prompts[0]
-    assert "save_webp" not in graph and graph["save_webm"]["inputs"]["fps"] == 12.0
+    assert {"save_webp", "save_mp4", "video"}.isdisjoint(graph) and graph["save_webm"]["inputs"]["fps"] == 12.0
     assert graph["latent"]["inputs"]["batch_size"] == 6
     assert [(a.content_type, a.extension) for a in generation.artifacts] == [("video/webm", "webm")]
 

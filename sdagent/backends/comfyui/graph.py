@@ -50,7 +50,7 @@ SAMPLER_INPUTS: dict[str, dict[str, str]] = {
 }
 
 
-ANIMATION_SAVERS = ("SaveWEBM", "SaveAnimatedWEBP", "SaveAnimatedPNG")  # nodes with an fps input
+FPS_NODES = ("CreateVideo", "SaveWEBM", "SaveAnimatedWEBP", "SaveAnimatedPNG")  # where a clip's frame rate is set
 
 
 # A job's seed of -1 is drawn here: within the job schema's range, so a result's seed can be resent.
@@ -299,9 +299,9 @@ class GraphPlanner:
         self._override_prompts(job, graph, samplers, given)
         self._override_latents(job, graph, samplers, given)
         if job.video is not None and "video" in given:
-            savers = [node for node, spec in graph.items() if spec.get("class_type") in ANIMATION_SAVERS]
+            savers = [node for node, spec in graph.items() if spec.get("class_type") in FPS_NODES]
             if not savers:
-                raise UnsupportedJob(f"workflow: video.fps has no place: no {', '.join(ANIMATION_SAVERS)} node")
+                raise UnsupportedJob(f"workflow: video.fps has no place: no {', '.join(FPS_NODES)} node")
             for node in savers:
                 put(graph, node, "fps", float(job.video.fps), "video.fps")
         if job.init_image is not None:  # last: nothing is uploaded for a job refused above

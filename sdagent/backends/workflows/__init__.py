@@ -95,9 +95,24 @@ class Template:
             for target in self.parameters[parameter]:
                 graph[target.node]["inputs"][target.input] = value
         chosen = self.outputs[output_format]
-        for node in set(self.outputs.values()) - {chosen}:
-            del graph[node]
+        _remove(graph, set(self.outputs.values()) - {chosen})
         return graph
+
+
+def _remove(graph: dict[str, Any], nodes: set[str]) -> None:
+    """Delete ``nodes``, then whatever fed only them (a dropped saver's encoder node)."""
+    while nodes:
+        feeders = {link[0] for node in nodes for link in _links(graph[node])}
+        for node in nodes:
+            del graph[node]
+        used = {link[0] for spec in graph.values() for link in _links(spec)}
+        nodes = {node for node in feeders if node in graph and node not in used} - set(nodes)
+
+
+def _links(spec: Mapping[str, Any]) -> list[list[Any]]:
+    """A node's links to other nodes: inputs of the form ``[node_id, output_slot]``."""
+    return [value for value in spec.get("inputs", {}).values()
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)]  # fmt: skip
 
 
 def load_template(name: str, version: int, override_dir: Path | None = None) -> Template:
