@@ -12,6 +12,7 @@ from sdagent.devstack.kafka import KafkaBroker, broker_from_env
 from sdagent.devstack.moto import MotoServer, aws_client
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
+CONFORMANCE_DIR = Path(__file__).parent / "conformance"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -19,6 +20,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.is_relative_to(INTEGRATION_DIR):
             item.add_marker(pytest.mark.integration)
+        if item.path.is_relative_to(CONFORMANCE_DIR):  # the real WebUIs, under the real agent
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.conformance)
 
 
 @pytest.fixture(scope="session")
