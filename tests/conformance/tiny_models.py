@@ -54,7 +54,7 @@ def byte_alphabet() -> dict[int, str]:
 
 def write_tokenizer(bpe_gz: Path, out: Path) -> None:
     """CLIP's tokenizer files (vocab.json, merges.txt) in the layout transformers reads."""
-    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1 : MERGES + 1]
+    merges = gzip.decompress(bpe_gz.read_bytes()).decode("utf-8").split("\n")[1 : MERGES + 1]
     letters = list(byte_alphabet().values())
     vocab = letters + [letter + "</w>" for letter in letters] + ["".join(m.split()) for m in merges]
     vocab += [CLIP_BOS, CLIP_EOS]
