@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: venv tools lint test demo
+.PHONY: venv tools webuis lint test demo
 
 venv: $(VENV)/.installed
 
@@ -21,12 +21,17 @@ $(VENV)/.installed: pyproject.toml
 tools:
 	bash ci/install-test-tools.sh
 
+# The real A1111 and ComfyUI for tests/conformance: virtualenvs under ~/.cache/sdagent, built
+# once per set of pins (about 2 minutes and 13 GB the first time), then a hash and a stat.
+webuis:
+	bash ci/install-webuis.sh
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: tools lint
+test: tools webuis lint
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 demo: venv

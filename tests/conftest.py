@@ -13,6 +13,7 @@ from sdagent.devstack.moto import MotoServer, aws_client
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 CONFORMANCE_DIR = Path(__file__).parent / "conformance"
+CONFORMANCE_TIMEOUT_S = 600  # a module's first test waits for its WebUI to start
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -23,6 +24,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.path.is_relative_to(CONFORMANCE_DIR):  # the real WebUIs, under the real agent
             item.add_marker(pytest.mark.integration)
             item.add_marker(pytest.mark.conformance)
+            item.add_marker(pytest.mark.timeout(CONFORMANCE_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")

@@ -36,6 +36,8 @@ LAUNCHER = REPO / "systemd/rootfs/usr/libexec/sdagent/webui"
 GENERATOR = Path(__file__).with_name("tiny_models.py")
 MODELS_CACHE = Path(os.environ.get("SDAGENT_CACHE_DIR", Path.home() / ".cache/sdagent")) / "conformance-models"
 READY_TIMEOUT_S = 240  # a cold first start compiles bytecode: ComfyUI took ~66 s once
+# A WebUI that exits this often before the agent is ready will not start: fail now, not at the timeout.
+EXITS_BEFORE_READY = 3
 # On a CPU: no half precision, no CUDA probing. Offline: nothing may come from a hub.
 CPU_ARGS = {"a1111": "--use-cpu all --no-half", "comfyui": "--cpu --disable-api-nodes --disable-all-custom-nodes"}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -198,6 +200,9 @@ class Stack:
         self.client.close()
 
 
+_FAILED_STARTS: dict[str, str] = {}
+
+
 def start_stack(
     webui: str,
     root: Path,
@@ -210,7 +215,13 @@ def start_stack(
     wait_ready: bool = True,
     **sections: dict[str, Any],
 ) -> Stack:
-    """Topics, a bucket and ``sdagent run`` supervising ``webui``; ready for jobs when it returns."""
+    """Topics, a bucket and ``sdagent run`` supervising ``webui``; ready for jobs when it returns.
+
+    A WebUI that would not start fails every later start of the same WebUI at once: one wait
+    for a broken install, not one per test.
+    """
+    if webui in _FAILED_STARTS:
+        pytest.fail(f"{webui} did not start earlier in this session:\n{_FAILED_STARTS[webui]}")
     prefix = f"c{uuid.uuid4().hex[:8]}."
     bucket = f"conformance-{uuid.uuid4().hex[:12]}"
     aws_client("s3", aws_endpoint).create_bucket(Bucket=bucket)
@@ -225,18 +236,23 @@ def start_stack(
     ensure_topics(settings)
     stack = Stack(webui, port, workdir, config, Client(settings.kafka, settings.topics), bucket, aws_endpoint)
     stack.agent = spawn_agent(config, workdir, "agent")
-    if wait_ready and not wait_until(lambda: _ready(stack), timeout_s=READY_TIMEOUT_S, interval_s=0.5):
-        stack.stop()
-        tail = (workdir / "agent.log").read_text(errors="replace")[-4000:]
-        pytest.fail(f"the agent with {webui} was not ready in {READY_TIMEOUT_S} s:\n{tail}")
+    if wait_ready:
+        wait_until(lambda: _started_or_hopeless(stack), timeout_s=READY_TIMEOUT_S, interval_s=0.5)
+        names = [event.get("event") for event in stack.log_events()]
+        if "agent.started" not in names:
+            stack.stop()
+            output = [event.get("line", "") for event in stack.log_events() if event.get("event") == "webui.output"]
+            _FAILED_STARTS[webui] = (f"the agent with {webui} did not start (exits of the WebUI: "
+                                     f"{names.count('webui.exited')}); its last lines:\n" + "\n".join(output[-30:]))  # fmt: skip
+            pytest.fail(_FAILED_STARTS[webui])
     return stack
 
 
-def _ready(stack: Stack) -> bool:
+def _started_or_hopeless(stack: Stack) -> bool:
     assert stack.agent is not None
-    if stack.agent.poll() is not None:
-        return True  # exited: the caller's checks say why
-    return any(event.get("event") == "agent.started" for event in stack.log_events())
+    names = [event.get("event") for event in stack.log_events()]
+    exited = stack.agent.poll() is not None
+    return exited or "agent.started" in names or names.count("webui.exited") >= EXITS_BEFORE_READY
 
 
 def link_models(names: tuple[str, ...], source: Path) -> Callable[[Path], None]:

@@ -47,6 +47,12 @@ def test_extra_flags_from_the_environment_come_last(tmp_path, webui) -> None:
     assert launch(tmp_path / "plain", webui)[-1] not in ("", "--no-half")  # none given: no empty argument
 
 
+def test_comfyuis_folders_exist_on_a_fresh_state_directory(tmp_path) -> None:
+    argv = launch(tmp_path, "comfyui")  # ComfyUI exits at once on a --user-directory that is missing
+    for flag in ("--user-directory", "--input-directory", "--output-directory", "--temp-directory"):
+        assert Path(value_of(argv, flag)).is_dir(), flag
+
+
 def test_comfyuis_model_paths_file_can_be_moved(tmp_path) -> None:
     argv = launch(tmp_path, "comfyui", SDAGENT_COMFYUI_MODEL_PATHS="/srv/paths.yaml")
     assert value_of(argv, "--extra-model-paths-config") == "/srv/paths.yaml"
