@@ -220,7 +220,7 @@ class A1111Backend(Backend):
         if abort.is_set():
             raise JobAborted("interrupted")
         payload = self._payload(job)
-        poller = _ProgressPoller(self, progress, abort, self._progress_poll_s)
+        poller = _ProgressPoller(self, progress, abort, self._progress_poll_s, job.steps)
         started = self._clock()
         poller.start()
         try:
@@ -423,9 +423,11 @@ class _ProgressPoller:
     """
 
     def __init__(
-        self, backend: A1111Backend, progress: ProgressCallback, abort: threading.Event, interval_s: float
-    ) -> None:
+        self, backend: A1111Backend, progress: ProgressCallback, abort: threading.Event, interval_s: float,
+        job_steps: int,
+    ) -> None:  # fmt: skip
         self._backend = backend
+        self._job_steps = job_steps
         self._progress = progress
         self._abort = abort
         self._interval_s = interval_s
@@ -467,8 +469,11 @@ class _ProgressPoller:
         if state.get("interrupted") or state.get("skipped"):
             self.interrupted = True
         step, steps = state.get("sampling_step"), state.get("sampling_steps")
-        if not isinstance(step, int) or not isinstance(steps, int) or steps <= 0:
+        # Step 0 may come with the last job's sampling_steps (A1111 sets them once sampling starts).
+        if not isinstance(step, int) or not isinstance(steps, int) or steps <= 0 or step < 1:
             return
+        # Reported in the job's steps: img2img samples t_enc + 1 of them (11 for 20 at 0.5).
+        step, steps = min(self._job_steps, round(step * self._job_steps / steps)), self._job_steps
         if (step, steps) == self.last or self._done.is_set():
             return
         self.last = (step, steps)

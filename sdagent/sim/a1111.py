@@ -59,12 +59,15 @@ class State:
 
     def begin(self, job: str, now: float) -> None:
         self.job, self.job_count, self.job_no = job, -1, 0  # -1 until the job knows its batch count
-        self.sampling_step = self.sampling_steps = 0
+        # sampling_steps keeps the last job's value until sampling starts, as A1111's does.
+        self.sampling_step = 0
         self.skipped = self.interrupted = self.stopping_generation = False
         self.job_timestamp = datetime.now().strftime("%Y%m%d%H%M%S")
         self.time_start, self.textinfo, self.preview = now, None, None
 
     def end(self) -> None:
+        # Idle: job_no past the last batch, step back to 0, steps still the last job's.
+        self.job_no, self.sampling_step = max(self.job_count, 1), 0
         self.job, self.job_count, self.preview = "", 0, None
 
     def as_dict(self) -> dict[str, Any]:
@@ -147,8 +150,8 @@ class A1111Api:
         if isinstance(parsed, web.Response):
             return parsed
         resolved = schema.resolve_sampler(parsed.sampler_name or parsed.sampler_index, parsed.scheduler)
-        if resolved is None:
-            return schema.http_exception(404, "Sampler not found")
+        if (failure := _pipeline_error(parsed)) is not None:
+            return failure
         init: list[Loaded] | None = None
         if isinstance(parsed, schema.Img2ImgRequest):
             if not parsed.init_images:
@@ -161,7 +164,7 @@ class A1111Api:
             return await self._run(parsed, resolved, init, job)
 
     async def _run(
-        self, req: schema.GenerationRequest, sampler: tuple[str, str], init: list[Loaded] | None, job: str
+        self, req: schema.GenerationRequest, sampler: tuple[str, str | None], init: list[Loaded] | None, job: str
     ) -> web.Response:
         generation = self.engine.begin(Api.A1111)
         self.state.begin(job, self._wall_clock())
@@ -203,7 +206,7 @@ class A1111Api:
                 raise NoCheckpoint("No checkpoints found. When searching for checkpoints, looked at the models dir")
             checkpoint = catalog.all()[0]  # A1111 falls back to the first checkpoint it knows
         await self.engine.ensure_loaded(checkpoint)
-        checkpoint.hashed = True  # A1111 hashes a new file in full on its first load
+        checkpoint.hashed = catalog.hashing  # A1111 hashes a new file in full on its first load
         self.opts["sd_model_checkpoint"] = checkpoint.title
         self.opts["sd_checkpoint_hash"] = checkpoint.sha256
         return checkpoint
@@ -211,7 +214,7 @@ class A1111Api:
     async def _sample(
         self,
         req: schema.GenerationRequest,
-        sampler: tuple[str, str],
+        sampler: tuple[str, str | None],
         init: list[Loaded] | None,
         checkpoint: Checkpoint,
         generation: Generation,
@@ -261,7 +264,7 @@ class A1111Api:
     def _info(
         self,
         req: schema.GenerationRequest,
-        sampler: tuple[str, str],
+        sampler: tuple[str, str | None],
         checkpoint: Checkpoint,
         seed: int,
         subseed: int,
@@ -298,7 +301,7 @@ class A1111Api:
             "seed_resize_from_w": req.seed_resize_from_w,
             "seed_resize_from_h": req.seed_resize_from_h,
             "denoising_strength": denoising,
-            "extra_generation_params": {"Schedule type": sampler[1]},
+            "extra_generation_params": {"Schedule type": sampler[1]} if sampler[1] else {},
             "index_of_first_image": 0,
             "infotexts": infotexts,
             "styles": req.styles,
@@ -315,8 +318,8 @@ class A1111Api:
         state = self.state
         skip_image = request.query.get("skip_current_image", "false").lower() in ("1", "true", "yes", "on")
         body: dict[str, Any] = {
-            "progress": 0,
-            "eta_relative": 0,
+            "progress": 0.0,
+            "eta_relative": 0.0,
             "state": state.as_dict(),
             "current_image": None,
             "textinfo": state.textinfo,
@@ -447,10 +450,20 @@ class A1111Api:
 
 
 def _effective_steps(req: schema.GenerationRequest) -> int:
-    """img2img samples only the denoised part of the schedule (``setup_img2img_steps``)."""
+    """The steps ``/progress`` counts: img2img samples the denoised part of the schedule and
+    reports ``t_enc + 1`` of them (``setup_img2img_steps``; 11 for 20 steps at 0.5)."""
     if isinstance(req, schema.Img2ImgRequest):
-        return max(1, int(min(req.denoising_strength, 0.999) * req.steps))
+        return int(min(req.denoising_strength, 0.999) * req.steps) + 1
     return req.steps
+
+
+def _pipeline_error(req: schema.GenerationRequest) -> web.Response | None:
+    """What A1111 answers for the zeros its request models let through: the pipeline's exception."""
+    if req.steps < 1:
+        return schema.error_response(500, "ZeroDivisionError", errors="integer division or modulo by zero")
+    if req.batch_size < 1 or req.n_iter < 1:
+        return schema.error_response(500, "IndexError", errors="list index out of range")
+    return None
 
 
 def _picture(req: schema.GenerationRequest, init: list[Loaded] | None, seed: int, key: str, index: int) -> Picture:
@@ -481,7 +494,11 @@ def _parameters(req: schema.GenerationRequest) -> dict[str, Any]:
 
 
 def _infotext(
-    req: schema.GenerationRequest, sampler: tuple[str, str], checkpoint: Checkpoint, seed: int, denoising: float | None
+    req: schema.GenerationRequest,
+    sampler: tuple[str, str | None],
+    checkpoint: Checkpoint,
+    seed: int,
+    denoising: float | None,
 ) -> str:
     """The "parameters" text A1111 writes into each image and returns in ``infotexts``."""
     fields: dict[str, Any] = {

@@ -19,28 +19,45 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 MIN_SIDE, MAX_SIDE = 8, 16384
 DEFAULT_SAMPLER = "Euler"  # models.py: sampler_index defaults to "Euler" when sampler_name is unset
 
-# (name, aliases, options) as GET /sdapi/v1/samplers lists them in A1111 1.10.
+# (name, aliases, options) as GET /sdapi/v1/samplers lists them in A1111 1.10.1: option values
+# are strings ("True"), as the real server sends them.
 SAMPLERS: tuple[tuple[str, list[str], dict[str, Any]], ...] = (
-    ("DPM++ 2M", ["k_dpmpp_2m"], {}),
-    ("DPM++ SDE", ["k_dpmpp_sde"], {"second_order": True, "brownian_noise": True}),
-    ("DPM++ 2M SDE", ["k_dpmpp_2m_sde"], {"brownian_noise": True}),
-    ("DPM++ 2M SDE Heun", ["k_dpmpp_2m_sde_heun"], {"brownian_noise": True, "solver_type": "heun"}),
-    ("DPM++ 2S a", ["k_dpmpp_2s_a"], {"uses_ensd": True, "second_order": True}),
-    ("DPM++ 3M SDE", ["k_dpmpp_3m_sde"], {"discard_next_to_last_sigma": True, "brownian_noise": True}),
-    ("Euler a", ["k_euler_a", "k_euler_ancestral"], {"uses_ensd": True}),
+    ("DPM++ 2M", ["k_dpmpp_2m"], {"scheduler": "karras"}),
+    ("DPM++ SDE", ["k_dpmpp_sde"], {"scheduler": "karras", "second_order": "True", "brownian_noise": "True"}),
+    ("DPM++ 2M SDE", ["k_dpmpp_2m_sde"], {"scheduler": "exponential", "brownian_noise": "True"}),
+    (
+        "DPM++ 2M SDE Heun",
+        ["k_dpmpp_2m_sde_heun"],
+        {"scheduler": "exponential", "brownian_noise": "True", "solver_type": "heun"},
+    ),
+    ("DPM++ 2S a", ["k_dpmpp_2s_a"], {"scheduler": "karras", "uses_ensd": "True", "second_order": "True"}),
+    (
+        "DPM++ 3M SDE",
+        ["k_dpmpp_3m_sde"],
+        {"scheduler": "exponential", "discard_next_to_last_sigma": "True", "brownian_noise": "True"},
+    ),
+    ("Euler a", ["k_euler_a", "k_euler_ancestral"], {"uses_ensd": "True"}),
     ("Euler", ["k_euler"], {}),
     ("LMS", ["k_lms"], {}),
-    ("Heun", ["k_heun"], {"second_order": True}),
-    ("DPM2", ["k_dpm_2"], {"discard_next_to_last_sigma": True, "second_order": True}),
-    ("DPM2 a", ["k_dpm_2_a"], {"discard_next_to_last_sigma": True, "uses_ensd": True, "second_order": True}),
-    ("DPM fast", ["k_dpm_fast"], {"uses_ensd": True}),
-    ("DPM adaptive", ["k_dpm_ad"], {"uses_ensd": True}),
-    ("Restart", ["restart"], {"second_order": True}),
+    ("Heun", ["k_heun"], {"second_order": "True"}),
+    ("DPM2", ["k_dpm_2"], {"scheduler": "karras", "discard_next_to_last_sigma": "True", "second_order": "True"}),
+    (
+        "DPM2 a",
+        ["k_dpm_2_a"],
+        {"scheduler": "karras", "discard_next_to_last_sigma": "True", "uses_ensd": "True", "second_order": "True"},
+    ),
+    ("DPM fast", ["k_dpm_fast"], {"uses_ensd": "True"}),
+    ("DPM adaptive", ["k_dpm_ad"], {"uses_ensd": "True"}),
+    ("Restart", ["restart"], {"scheduler": "karras", "second_order": "True"}),
     ("DDIM", ["ddim"], {}),
+    ("DDIM CFG++", ["ddim_cfgpp"], {}),
     ("PLMS", ["plms"], {}),
     ("UniPC", ["unipc"], {}),
     ("LCM", ["k_lcm"], {}),
 )
+# An unknown sampler_name is not refused: A1111 1.10 logs "Sampler Scheduler autocorrection" and
+# runs this one (fix_p_invalid_sampler_and_scheduler).
+FALLBACK_SAMPLER = "DPM++ 2M"
 SAMPLER_NAMES = frozenset(name for name, _, _ in SAMPLERS)
 
 # (name, label, aliases, default_rho, need_inner_model) as GET /sdapi/v1/schedulers lists them.
@@ -75,9 +92,10 @@ class GenerationRequest(BaseModel):
     seed_resize_from_w: int = -1
     sampler_name: str | None = None
     scheduler: str | None = None
-    batch_size: int = Field(1, ge=1)
-    n_iter: int = Field(1, ge=1)
-    steps: int = Field(50, ge=1)
+    # No bounds, as in A1111's models: a zero fails inside the pipeline (see a1111._pipeline_error).
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
     cfg_scale: float = 7.0
     width: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE)
     height: int = Field(512, ge=MIN_SIDE, le=MAX_SIDE)
@@ -142,7 +160,7 @@ class Img2ImgRequest(GenerationRequest):
     inpainting_mask_invert: int = 0
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
-    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    denoising_strength: float = 0.75
     include_init_images: bool = Field(False, exclude=True)
 
 
@@ -217,11 +235,13 @@ async def parse_request(request: web.Request, model: type[GenerationRequest]) ->
         return unprocessable(validation_detail(exc))
 
 
-def resolve_sampler(name: str, scheduler: str | None) -> tuple[str, str] | None:
-    """(sampler, scheduler label) as A1111 1.9+ resolves them; None when the sampler is unknown.
+def resolve_sampler(name: str, scheduler: str | None) -> tuple[str, str | None]:
+    """(sampler, scheduler label or None) as A1111 1.10 runs them.
 
-    A legacy name with the schedule folded in ("DPM++ 2M Karras") is split; an unknown scheduler
-    silently becomes "Automatic", as in ``sd_samplers.get_sampler_and_scheduler``.
+    A legacy name with the schedule folded in ("DPM++ 2M Karras") is split; an unknown sampler
+    becomes FALLBACK_SAMPLER and an unknown scheduler "Automatic", silently, as in
+    ``sd_samplers.fix_p_invalid_sampler_and_scheduler``. "Automatic" is reported as the
+    sampler's own default schedule, or not at all when it has none (Euler).
     """
     labels = {label: label for _, label, _, _, _ in SCHEDULERS}
     labels.update({key: label for key, label, _, _, _ in SCHEDULERS})
@@ -229,8 +249,12 @@ def resolve_sampler(name: str, scheduler: str | None) -> tuple[str, str] | None:
         for label in labels.values():
             if name.endswith(f" {label}") and name[: -len(label) - 1] in SAMPLER_NAMES:
                 return name[: -len(label) - 1], label
-        return None
-    return name, labels.get(scheduler or "", "Automatic")
+        name = FALLBACK_SAMPLER
+    label = labels.get(scheduler or "", "Automatic")
+    if label != "Automatic":
+        return name, label
+    default = next(options.get("scheduler") for sampler, _, options in SAMPLERS if sampler == name)
+    return name, labels.get(default) if default else None
 
 
 def samplers_payload() -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@ Two behaviours of the real WebUIs are kept because an agent must cope with them:
 
 * A1111 hashes a newly found file in full on its first load (unless ``--no-hashing``), so until
   then its ``sd-models`` entry has ``hash: null`` and a title without ``[shorthash]``; declared
-  models count as already hashed (A1111 keeps hashes in ``cache.json``).
+  models count as already hashed (A1111 keeps hashes in ``cache.json``). With ``hashing=False``
+  (``--no-hashing``, as the shipped launcher runs it) no model ever has a hash.
 * A1111 rescans only on ``refresh-checkpoints``; ComfyUI re-reads a folder whenever its mtime
   changes, so an atomic rename into the folder shows up at once (:meth:`Catalog.refresh_if_changed`).
 """
@@ -83,13 +84,15 @@ class Catalog:
     declared: Mapping[str, int]
     models_dir: Path | None = None
     default_size_mb: int = 2048
+    hashing: bool = True  # False: A1111's --no-hashing, no model ever gets a hash (the image's setting)
     _scanned: dict[str, Checkpoint] = field(default_factory=dict, init=False)
     _declared: dict[str, Checkpoint] = field(default_factory=dict, init=False)
     _dir_mtime: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         base = self.models_dir or Path("/simulated/models/Stable-diffusion")
-        self._declared = {name: Checkpoint(name, size, str(base / name)) for name, size in self.declared.items()}
+        self._declared = {name: Checkpoint(name, size, str(base / name), hashed=self.hashing)
+                          for name, size in self.declared.items()}  # fmt: skip
         self.refresh()
 
     def _models_dir(self) -> Path:

@@ -81,6 +81,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="arm a fault: error, slow, hang, crash, oom, ws_drop "
         "(COUNT -1: forever; keys: api, scope, status, delay_s)",
     )  # fmt: skip
+    parser.add_argument("--no-hashing", action="store_true", help="as A1111's: checkpoints never get a hash")
     parser.add_argument("--seed", type=int, help="seeds the generator behind seed -1, for reproducible runs")
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     parser.add_argument("--log-level", default="info")
@@ -116,4 +117,5 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         ram_cache_models=args.ram_cache_models,
         faults=tuple(faults),
         seed=args.seed,
+        hashing=not args.no_hashing,
     )

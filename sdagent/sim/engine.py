@@ -139,7 +139,7 @@ class Engine:
         clock: Clock = time.monotonic,
         exit_process: ExitProcess = os._exit,
     ) -> Engine:
-        catalog = Catalog(options.declared_models, options.models_dir, options.model_vram_mb)
+        catalog = Catalog(options.declared_models, options.models_dir, options.model_vram_mb, options.hashing)
         faults = FaultPlan()
         for fault in options.faults:
             faults.arm(fault)

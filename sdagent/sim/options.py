@@ -41,6 +41,7 @@ class SimOptions:
     ram_cache_models: int = DEFAULT_RAM_CACHE_MODELS
     faults: tuple[Fault, ...] = ()
     seed: int | None = None  # seeds the generator behind ``seed: -1``; None: unpredictable
+    hashing: bool = True  # False: as A1111's --no-hashing (checkpoints never get a hash)
 
     def __post_init__(self) -> None:
         for name in ("step_latency_s", "load_latency_s", "switch_latency_s"):

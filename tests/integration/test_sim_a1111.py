@@ -127,8 +127,15 @@ def test_validation_errors_are_422_in_fastapi_shape(sim: SimulatorThread) -> Non
     assert status == 422 and body["detail"][0]["type"] == "type_error.dict"
 
 
-def test_samplers_are_validated_and_legacy_names_carry_the_scheduler(sim: SimulatorThread) -> None:
-    assert txt2img(sim.url, sampler_name="Nope")[0] == 404
+def test_an_unknown_sampler_is_replaced_and_legacy_names_carry_the_scheduler(sim: SimulatorThread) -> None:
+    status, body = txt2img(sim.url, sampler_name="Nope")  # A1111 1.10 autocorrects it, silently
+    info = json.loads(body["info"])
+    assert (status, info["sampler_name"], info["extra_generation_params"]) == (
+        200,
+        "DPM++ 2M",
+        {"Schedule type": "Karras"},
+    )
+    assert json.loads(txt2img(sim.url, sampler_name="Euler")[1]["info"])["extra_generation_params"] == {}
     status, body = txt2img(sim.url, sampler_name="DPM++ 2M Karras")
     info = json.loads(body["info"])
     assert (status, info["sampler_name"], info["extra_generation_params"]) == (
@@ -139,7 +146,7 @@ def test_samplers_are_validated_and_legacy_names_carry_the_scheduler(sim: Simula
     status, samplers = call(f"{sim.url}/sdapi/v1/samplers")
     assert (
         status == 200
-        and {"name": "Euler a", "aliases": ["k_euler_a", "k_euler_ancestral"], "options": {"uses_ensd": True}}
+        and {"name": "Euler a", "aliases": ["k_euler_a", "k_euler_ancestral"], "options": {"uses_ensd": "True"}}
         in samplers
     )
     status, schedulers = call(f"{sim.url}/sdapi/v1/schedulers")

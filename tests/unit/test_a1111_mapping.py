@@ -190,3 +190,28 @@ def test_a1111_before_1_9_without_schedulers_still_checks_sampler_names() -> Non
     with pytest.raises(UnsupportedJob, match="DPM\\+\\+ 2M Karras, Euler a"):
         generate(backend, job(sampler="DPM++ 2M Exponential"))
     assert asked.count("GET /sdapi/v1/schedulers") == 1
+
+
+def test_progress_is_reported_in_the_jobs_steps_and_a_stale_step_count_is_ignored() -> None:
+    # A1111 keeps the last job's sampling_steps until sampling starts, and img2img at denoise 0.5
+    # samples t_enc + 1 = 11 of 20 steps: callers see steps out of the 20 they asked for.
+    states = [(0, 30), (3, 11), (11, 11)]
+    served = threading.Event()
+
+    def progress(request: httpx.Request) -> httpx.Response:
+        step, steps = states.pop(0) if states else (11, 11)
+        if not states:
+            served.set()
+        return httpx.Response(
+            200, json={"state": {**IDLE["state"], "job_count": 1, "sampling_step": step, "sampling_steps": steps}}
+        )
+
+    def sample(request: httpx.Request) -> httpx.Response:
+        served.wait(5)
+        return generated([image()], all_seeds=[11])(request)
+
+    backend, _ = backend_with({"GET /sdapi/v1/progress": progress, "POST /sdapi/v1/img2img": sample})
+    reported: list[tuple[int, int]] = []
+    img2img = job(kind="img2img", steps=20, denoising_strength=0.5, init_image={"base64": image()})
+    backend.generate(img2img, lambda step, steps: reported.append((step, steps)), threading.Event())
+    assert reported[:2] == [(5, 20), (20, 20)]
