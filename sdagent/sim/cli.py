@@ -82,6 +82,14 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "(COUNT -1: forever; keys: api, scope, status, delay_s)",
     )  # fmt: skip
     parser.add_argument("--no-hashing", action="store_true", help="as A1111's: checkpoints never get a hash")
+    parser.add_argument(
+        "--history-delay-s", type=float, default=defaults.DEFAULT_HISTORY_DELAY_S,
+        help="ComfyUI: how long after execution_success the history entry appears",
+    )  # fmt: skip
+    parser.add_argument(
+        "--preview-method", choices=["none", "auto", "latent2rgb", "taesd"], default="none",
+        help="as ComfyUI's: anything but none sends a binary preview frame per sampler step",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, help="seeds the generator behind seed -1, for reproducible runs")
     parser.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     parser.add_argument("--log-level", default="info")
@@ -118,4 +126,6 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         faults=tuple(faults),
         seed=args.seed,
         hashing=not args.no_hashing,
+        history_delay_s=args.history_delay_s,
+        previews=args.preview_method != "none",
     )

@@ -1,27 +1,33 @@
 """ComfyUI's prompt queue, history and executor (``execution.py``, ``main.py``'s prompt_worker).
 
 Message order for one prompt, as the real worker sends it: ``status`` (taken off the queue),
-``execution_start``, ``execution_cached``, then per node ``executing`` / ``progress`` (samplers) /
-``executed`` (nodes with UI output), then ``execution_success`` or ``execution_error`` or
-``execution_interrupted`` (broadcast), ``status`` (history written), and ``executing`` with
-``node: null``. Node outputs are cached by input signature between prompts, so resubmitting an
-identical prompt re-runs nothing, as in ComfyUI.
+``execution_start``, ``execution_cached``, then per node ``progress_state`` (running),
+``executing``, ``progress_state`` + ``progress`` (+ a binary preview) per sampler step, ``executed``
+(nodes with UI output), ``progress_state`` (finished); then ``execution_success`` or
+``execution_error`` or ``execution_interrupted`` (broadcast); a moment later the history entry,
+``status`` and ``executing`` with ``node: null``. ``progress_state`` lists every node not pending.
+Node outputs are cached by input signature between prompts, so resubmitting an identical prompt
+re-runs nothing, as in ComfyUI.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
 import heapq
+import io
 import itertools
 import json
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from PIL import Image
 
 from sdagent.errors import SdagentError
 from sdagent.sim.comfy_nodes import Dirs, Interrupted, Node, NodeResult, RunContext
@@ -31,12 +37,23 @@ from sdagent.sim.faults import Api, FaultKind
 
 log = structlog.get_logger(__name__, simulator=True)
 
+# server.py's binary frames: a big-endian event type, then for PREVIEW_IMAGE the image format.
+PREVIEW_IMAGE = 1
+JPEG_PREVIEW = struct.pack(">I", 1)
 MAX_HISTORY = 10000  # execution.py's MAXIMUM_HISTORY_SIZE: the oldest entry goes first
 OOM_EXCEPTION_TYPE = "torch.cuda.OutOfMemoryError"
 OOM_TIPS = (
     "This error means you ran out of memory on your GPU.\n\n"
     "TIPS: If the workflow worked before you might have accidentally set the batch_size to a large number."
 )
+
+
+@dataclass(frozen=True)
+class ComfyBehaviour:
+    """How the simulated ComfyUI differs between set-ups (its flags, its timing)."""
+
+    history_delay_s: float = 0.0  # execution_success to history entry: observed up to ~0.9 s on CPU
+    previews: bool = False  # --preview-method other than none: a JPEG frame after each progress
 
 
 @dataclass(order=False)
@@ -136,6 +153,7 @@ class _Run:
     executed: list[str] = field(default_factory=list)
     cache: dict[str, NodeResult] = field(default_factory=dict)  # what this prompt leaves cached
     messages: list[list[Any]] = field(default_factory=list)
+    progress: dict[str, dict[str, Any]] = field(default_factory=dict)  # progress.py's registry, by node
 
     @property
     def client_id(self) -> str | None:
@@ -149,8 +167,12 @@ class _Run:
 class Executor:
     """Runs queued prompts one at a time on the engine; ``worker()`` is the long-running loop."""
 
-    def __init__(self, engine: Engine, nodes: dict[str, Node], dirs: Dirs, queue: PromptQueue, hub: SocketHub) -> None:
+    def __init__(
+        self, engine: Engine, nodes: dict[str, Node], dirs: Dirs, queue: PromptQueue, hub: SocketHub,
+        behaviour: ComfyBehaviour,
+    ) -> None:  # fmt: skip
         self.engine = engine
+        self.behaviour = behaviour
         self.nodes = nodes
         self.dirs = dirs
         self.queue = queue
@@ -189,6 +211,8 @@ class Executor:
             finally:
                 self.engine.end(generation)
                 self.hub.running_client = self.hub.last_node = None
+        # The worker thread finishes the prompt after its last message went out: the entry lags.
+        await asyncio.sleep(self.behaviour.history_delay_s)
         self._cache = run.cache
         meta = {node_id: _meta(node_id) for node_id in run.ui}
         status = {"status_str": "success" if success else "error", "completed": success, "messages": run.messages}
@@ -228,12 +252,14 @@ class Executor:
             if staged and run.client_id is not None:
                 payload = {"node": node_id, "display_node": node_id, "output": hit.ui, "prompt_id": run.prompt_id}
                 await self.hub.send("executed", payload, run.client_id)
+            await self._progress_state(run, node_id, "finished")
             return
         node = run.item.prompt[node_id]
         for value in node["inputs"].values():
             if _is_link(value):
                 await self._execute_node(run, str(value[0]))
         node_class = self.nodes[node["class_type"]]
+        await self._progress_state(run, node_id, "running", 0.0, 1.0)
         inputs = self._input_values(run, node, node_class)
         if run.client_id is not None:
             self.hub.last_node = node_id
@@ -253,6 +279,25 @@ class Executor:
             payload = {"node": node_id, "display_node": node_id, "output": result.ui, "prompt_id": run.prompt_id}
             if run.client_id is not None:
                 await self.hub.send("executed", payload, run.client_id)
+        await self._progress_state(run, node_id, "finished")
+
+    async def _progress_state(
+        self, run: _Run, node_id: str, state: str, value: float | None = None, maximum: float | None = None
+    ) -> None:
+        """progress.py's registry update and its ``progress_state`` message (finished: value = max)."""
+        entry = run.progress.setdefault(node_id, {"value": 0, "max": 1})
+        entry["state"] = state
+        if maximum is not None:
+            entry["max"] = maximum
+        entry["value"] = entry["max"] if state == "finished" else value
+        nodes = {
+            node: {
+                **values, "node_id": node, "prompt_id": run.prompt_id, "display_node_id": node,
+                "parent_node_id": None, "real_node_id": node,
+            }
+            for node, values in run.progress.items()
+        }  # fmt: skip
+        await self.hub.send("progress_state", {"prompt_id": run.prompt_id, "nodes": nodes}, run.client_id)
 
     def _keep(self, run: _Run, node_id: str, signature: str, result: NodeResult) -> None:
         run.outputs[node_id] = result.outputs
@@ -274,8 +319,11 @@ class Executor:
 
     def _progress_reporter(self, run: _Run, node_id: str) -> Callable[[int, int], Awaitable[None]]:
         async def report(step: int, steps: int) -> None:
+            await self._progress_state(run, node_id, "running", step, steps)
             payload = {"value": step, "max": steps, "prompt_id": run.prompt_id, "node": node_id}
             await self.hub.send("progress", payload, run.client_id)  # no client: every socket, as in ComfyUI
+            if self.behaviour.previews:
+                await self.hub.send_bytes(PREVIEW_IMAGE, JPEG_PREVIEW + _preview_jpeg(), run.client_id)
             if run.generation.fault_of(FaultKind.WS_DROP):
                 run.generation.fault = None
                 self.hub.drop(run.client_id)
@@ -356,3 +404,11 @@ def _format(value: Any) -> Any:
     if value is None or isinstance(value, (int, float, bool, str)):
         return value
     return str(value)
+
+
+@functools.cache
+def _preview_jpeg() -> bytes:
+    """The latent preview's image: what it shows does not matter to any client here."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), "gray").save(out, format="JPEG", quality=95)
+    return out.getvalue()

@@ -1,12 +1,12 @@
 """ComfyUI's websocket (``/ws?clientId=``): one socket per client id, JSON ``{type, data}`` messages.
 
 As in ``server.py``, a new socket sends ``status`` (with its ``sid``) at once, and a client that
-reconnects while its prompt runs is told the node being executed. Previews (binary frames) are not
-sent: the simulator has no latents to preview.
+reconnects while its prompt runs is told the node being executed. Previews are binary frames.
 """
 
 from __future__ import annotations
 
+import struct
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -51,12 +51,25 @@ class SocketHub:
     async def send(self, event: str, data: dict[str, Any], sid: str | None = None) -> None:
         """Send to one client, or to every client when ``sid`` is None."""
         message = {"type": event, "data": data}
-        targets = list(self._sockets.values()) if sid is None else [self._sockets[sid]] if sid in self._sockets else []
-        for ws, _ in targets:
+        for ws in self._targets(sid):
             try:
                 await ws.send_json(message)
             except _SEND_ERRORS as exc:
                 log.info("sim.ws_send_failed", error=str(exc))
+
+    async def send_bytes(self, event: int, data: bytes, sid: str | None = None) -> None:
+        """server.py's send_bytes: the event type as a big-endian int, then the data."""
+        frame = struct.pack(">I", event) + data
+        for ws in self._targets(sid):
+            try:
+                await ws.send_bytes(frame)
+            except _SEND_ERRORS as exc:
+                log.info("sim.ws_send_failed", error=str(exc))
+
+    def _targets(self, sid: str | None) -> list[web.WebSocketResponse]:
+        if sid is None:
+            return [ws for ws, _ in self._sockets.values()]
+        return [self._sockets[sid][0]] if sid in self._sockets else []
 
     async def send_status(self) -> None:
         await self.send("status", {"status": self._queue_info()})

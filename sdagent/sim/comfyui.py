@@ -21,7 +21,7 @@ import psutil
 import structlog
 from aiohttp import web
 
-from sdagent.sim.comfy_exec import Executor, PromptQueue, QueueItem
+from sdagent.sim.comfy_exec import ComfyBehaviour, Executor, PromptQueue, QueueItem
 from sdagent.sim.comfy_nodes import Dirs, registry
 from sdagent.sim.comfy_validate import validate_prompt
 from sdagent.sim.comfy_ws import SocketHub
@@ -43,13 +43,13 @@ INTERNAL_ERROR = "500 Internal Server Error\n\nServer got itself in trouble"  # 
 class ComfyApi:
     """Handlers of the ComfyUI routes; ``start()``/``stop()`` run the prompt worker."""
 
-    def __init__(self, engine: Engine, dirs: Dirs) -> None:
+    def __init__(self, engine: Engine, dirs: Dirs, behaviour: ComfyBehaviour | None = None) -> None:
         self.engine = engine
         self.dirs = dirs
         self.nodes = registry()
         self.queue = PromptQueue()
         self.hub = SocketHub(self.queue.info)
-        self.executor = Executor(engine, self.nodes, dirs, self.queue, self.hub)
+        self.executor = Executor(engine, self.nodes, dirs, self.queue, self.hub, behaviour or ComfyBehaviour())
         self._number = 0
         self._worker: asyncio.Task[None] | None = None
 

@@ -20,6 +20,8 @@ DEFAULT_MODEL_VRAM_MB = 2048  # an fp16 SD1.5 checkpoint
 # Working memory of sampling per megapixel of the batch (width * height * batch_size): a 512x512
 # image needs ~270 MB, a batch of 8 at 1024x1024 ~8.6 GB, so large batches run out on purpose.
 DEFAULT_VRAM_PER_MEGAPIXEL_MB = 1024
+# Real ComfyUI 0.3.64 on CPU wrote the history entry 0.01-0.9 s after execution_success.
+DEFAULT_HISTORY_DELAY_S = 0.05
 DEFAULT_RAM_CACHE_MODELS = 2  # models the OS page cache keeps warm: reloading them costs switch_latency_s
 
 
@@ -42,9 +44,11 @@ class SimOptions:
     faults: tuple[Fault, ...] = ()
     seed: int | None = None  # seeds the generator behind ``seed: -1``; None: unpredictable
     hashing: bool = True  # False: as A1111's --no-hashing (checkpoints never get a hash)
+    history_delay_s: float = DEFAULT_HISTORY_DELAY_S  # ComfyUI: execution_success to the history entry
+    previews: bool = False  # ComfyUI: binary preview frames, as with --preview-method auto
 
     def __post_init__(self) -> None:
-        for name in ("step_latency_s", "load_latency_s", "switch_latency_s"):
+        for name in ("step_latency_s", "load_latency_s", "switch_latency_s", "history_delay_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("vram_total_mb", "model_vram_mb", "vram_per_megapixel_mb"):

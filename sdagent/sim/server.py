@@ -20,6 +20,7 @@ from aiohttp import web
 from sdagent.sim import a1111_schema
 from sdagent.sim.a1111 import A1111Api
 from sdagent.sim.catalog import Checkpoint
+from sdagent.sim.comfy_exec import ComfyBehaviour
 from sdagent.sim.comfy_nodes import Dirs
 from sdagent.sim.comfyui import INTERNAL_ERROR, ComfyApi
 from sdagent.sim.control import ControlApi
@@ -46,7 +47,7 @@ def build_app(
     engine = engine or Engine.from_options(options, exit_process=exit_process)
     data_dir = options.data_dir or Path(tempfile.mkdtemp(prefix="sdagent-sim-"))
     a1111 = A1111Api(engine)
-    comfy = ComfyApi(engine, Dirs(data_dir))
+    comfy = ComfyApi(engine, Dirs(data_dir), ComfyBehaviour(options.history_delay_s, options.previews))
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         middlewares=[_a1111_error_shapes, _counted(engine), _faulty(engine)],

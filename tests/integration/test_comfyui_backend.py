@@ -117,9 +117,16 @@ def history_graph(url: str, prompt_id: str) -> dict[str, Any]:
     return httpx.get(f"{url}/history/{prompt_id}").json()[prompt_id]["prompt"][2]
 
 
-def queue_is_empty(url: str) -> bool:
-    body = httpx.get(f"{url}/queue").json()
-    return not body["queue_running"] and not body["queue_pending"]
+def queue_is_empty(url: str, within_s: float = 2.0) -> bool:
+    """Whether the queue empties soon: a prompt ends a moment after its last message, as in ComfyUI."""
+    deadline = time.monotonic() + within_s
+    while True:
+        body = httpx.get(f"{url}/queue").json()
+        if not body["queue_running"] and not body["queue_pending"]:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
 
 
 def png_base64(width: int, height: int, colour: str) -> str:
@@ -430,3 +437,18 @@ def test_free_unloads_the_model(backend: ComfyUIBackend, sim) -> None:
     while httpx.get(f"{sim.url}/sim/stats").json()["loaded_model"] is not None:
         assert time.monotonic() < deadline, "the model stayed loaded"
         time.sleep(0.02)
+
+
+def test_previews_and_a_late_history_entry_do_not_disturb_a_job(make_backend, models_dir: Path, tmp_path: Path) -> None:
+    # Real ComfyUI writes the entry up to ~0.9 s after execution_success and, with a preview
+    # method, sends a binary frame per step: the adapter waits for the one and skips the other.
+    options = SimOptions(
+        models=(MODEL,), models_dir=models_dir, data_dir=tmp_path, initial_model=None, step_latency_s=STEP_S,
+        load_latency_s=0.0, switch_latency_s=0.0, history_delay_s=0.8, previews=True,
+    )  # fmt: skip
+    with SimulatorThread(options) as late:
+        backend = make_backend(late.url)
+        backend.switch_model(MODEL)
+        steps = Steps()
+        generation = run(backend, job(steps=3, seed=21), steps)
+    assert len(generation.artifacts) == 1 and [seen[:2] for seen in steps.seen] == [(1, 3), (2, 3), (3, 3)]

@@ -125,7 +125,7 @@ def slow_sim() -> Iterator[SimulatorThread]:
 def test_websocket_messages_arrive_in_the_real_order(sim: SimulatorThread) -> None:
     prompt_id, messages = asyncio.run(run_prompt(sim.url, graph(seed=101), client_id="order"))
     assert messages[0] == {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "order"}}
-    kinds = [(m["type"], m["data"].get("node")) for m in messages[1:]]
+    kinds = [(m["type"], m["data"].get("node")) for m in messages[1:] if m["type"] != "progress_state"]
     assert kinds == [
         ("status", None), ("status", None), ("execution_start", None), ("execution_cached", None),
         ("executing", "4"), ("executing", "6"), ("executing", "7"), ("executing", "5"), ("executing", "3"),
@@ -134,6 +134,21 @@ def test_websocket_messages_arrive_in_the_real_order(sim: SimulatorThread) -> No
     ]  # fmt: skip
     progress = [m["data"] for m in messages if m["type"] == "progress"]
     assert progress[0] == {"value": 1, "max": 3, "prompt_id": prompt_id, "node": "3"}
+    # progress.py: each node's state goes out as it starts, on each step and as it finishes.
+    states = [(i, m["data"]["nodes"]) for i, m in enumerate(messages) if m["type"] == "progress_state"]
+    for i, m in enumerate(messages):
+        if m["type"] == "executing" and m["data"]["node"] is not None:
+            assert messages[i - 1]["type"] == "progress_state"
+            assert messages[i - 1]["data"]["nodes"][m["data"]["node"]]["state"] == "running"
+        if m["type"] == "progress":
+            assert (
+                messages[i - 1]["data"]["nodes"]["3"] | {"state": "running", "value": m["data"]["value"]}
+                == (messages[i - 1]["data"]["nodes"]["3"])
+            )
+    finished = states[-1][1]
+    assert sorted(finished) == ["3", "4", "5", "6", "7", "8", "9"]
+    assert all(node["state"] == "finished" and node["value"] == node["max"] for node in finished.values())
+    assert finished["3"]["max"] == 3 and finished["9"]["prompt_id"] == prompt_id
     executed = next(m["data"] for m in messages if m["type"] == "executed")
     assert executed["output"]["images"][0]["type"] == "output" and executed["prompt_id"] == prompt_id
 
@@ -340,3 +355,40 @@ def test_a_failing_node_reports_an_execution_error_and_the_queue_goes_on(sim: Si
     assert wait_for_history(sim.url, prompt_id)["status"]["status_str"] == "error"
     prompt_id, _ = asyncio.run(run_prompt(sim.url, graph(seed=808, prefix="inside")))
     assert wait_for_history(sim.url, prompt_id)["status"]["status_str"] == "success"
+
+
+def test_previews_are_binary_frames_and_the_history_entry_comes_late() -> None:
+    options = SimOptions(
+        step_latency_s=0.002, load_latency_s=0.0, switch_latency_s=0.0, initial_model=None,
+        history_delay_s=0.5, previews=True,
+    )  # fmt: skip
+
+    async def watch(url: str) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
+        frames: list[Any] = []
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"{url}/ws?clientId=late") as ws:
+            body = {"prompt": graph(seed=5, steps=2), "client_id": "late"}
+            async with session.post(f"{url}/prompt", json=body) as response:
+                prompt_id = (await response.json())["prompt_id"]
+            while True:
+                message = await ws.receive(timeout=10)
+                frames.append(message.data if message.type is aiohttp.WSMsgType.BINARY else json.loads(message.data))
+                if isinstance(frames[-1], dict) and frames[-1]["type"] == "execution_success":
+                    async with session.get(f"{url}/history/{prompt_id}") as response:
+                        at_success = await response.json()
+                if (
+                    isinstance(frames[-1], dict)
+                    and frames[-1]["type"] == "executing"
+                    and frames[-1]["data"]["node"] is None
+                ):
+                    async with session.get(f"{url}/history/{prompt_id}") as response:
+                        return frames, at_success, await response.json()
+
+    with SimulatorThread(options) as running:
+        frames, at_success, at_end = asyncio.run(watch(running.url))
+    previews = [frame for frame in frames if isinstance(frame, bytes)]
+    kinds = [frame if isinstance(frame, bytes) else frame["type"] for frame in frames]
+    assert len(previews) == 2 and all(kinds[kinds.index(preview) - 1] == "progress" for preview in previews)
+    # server.py's frame: event 1 (PREVIEW_IMAGE), format 1 (JPEG), then the image.
+    assert previews[0][:8] == b"\x00\x00\x00\x01\x00\x00\x00\x01"
+    assert Image.open(io.BytesIO(previews[0][8:])).format == "JPEG"
+    assert at_success == {} and list(at_end) and next(iter(at_end.values()))["status"]["completed"] is True
