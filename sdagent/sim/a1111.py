@@ -34,6 +34,7 @@ log = structlog.get_logger(__name__, simulator=True)
 
 VERSION = "v1.10.1-simulated"  # what infotexts and info.version say; marks every output as simulated
 MIB = 1024 * 1024
+EMPTY_INIT_IMAGES = "Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: [0]"
 
 
 class NoCheckpoint(SdagentError):
@@ -154,8 +155,10 @@ class A1111Api:
             return failure
         init: list[Loaded] | None = None
         if isinstance(parsed, schema.Img2ImgRequest):
-            if not parsed.init_images:
+            if parsed.init_images is None:
                 return schema.http_exception(404, "Init image not found")
+            if not parsed.init_images:  # an empty list reaches the VAE encoder
+                return schema.error_response(500, "RuntimeError", errors=EMPTY_INIT_IMAGES)
             try:
                 init = [Loaded(decode_base64_image(text)) for text in parsed.init_images]
             except ValueError:
@@ -168,7 +171,7 @@ class A1111Api:
     ) -> web.Response:
         generation = self.engine.begin(Api.A1111)
         self.state.begin(job, self._wall_clock())
-        stored = self._apply_overrides(req.override_settings)
+        stored = self._apply_overrides(req.override_settings or {})
         try:
             checkpoint = await self._sync_model()
             with self.engine.working_memory(req.width, req.height, req.batch_size):
@@ -301,10 +304,10 @@ class A1111Api:
             "seed_resize_from_w": req.seed_resize_from_w,
             "seed_resize_from_h": req.seed_resize_from_h,
             "denoising_strength": denoising,
-            "extra_generation_params": {"Schedule type": sampler[1]} if sampler[1] else {},
+            "extra_generation_params": _extra_generation_params(sampler, denoising),
             "index_of_first_image": 0,
             "infotexts": infotexts,
-            "styles": req.styles,
+            "styles": req.styles or [],
             "job_timestamp": self.state.job_timestamp,
             "clip_skip": self.opts.get("CLIP_stop_at_last_layers", 1),
             "is_using_inpainting_conditioning": False,
@@ -493,6 +496,14 @@ def _parameters(req: schema.GenerationRequest) -> dict[str, Any]:
     return parameters
 
 
+def _extra_generation_params(sampler: tuple[str, str | None], denoising: float | None) -> dict[str, Any]:
+    """What the sampler and img2img add to the infotext: a schedule other than Automatic, the strength."""
+    extra: dict[str, Any] = {"Schedule type": sampler[1]} if sampler[1] else {}
+    if denoising is not None:
+        extra["Denoising strength"] = denoising
+    return extra
+
+
 def _infotext(
     req: schema.GenerationRequest,
     sampler: tuple[str, str | None],
@@ -504,7 +515,7 @@ def _infotext(
     fields: dict[str, Any] = {
         "Steps": req.steps,
         "Sampler": sampler[0],
-        "Schedule type": sampler[1],
+        "Schedule type": sampler[1] or "Automatic",
         "CFG scale": req.cfg_scale,
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",

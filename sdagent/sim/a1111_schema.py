@@ -84,10 +84,10 @@ class GenerationRequest(BaseModel):
 
     prompt: str = ""
     negative_prompt: str = ""
-    styles: list[str] = []
+    styles: list[str] | None = None
     seed: int = -1
     subseed: int = -1
-    subseed_strength: float = 0.0
+    subseed_strength: float = 0  # echoed as given: A1111's default is the int 0
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
     sampler_name: str | None = None
@@ -105,7 +105,11 @@ class GenerationRequest(BaseModel):
     do_not_save_grid: bool = False
     eta: float | None = None
     s_min_uncond: float | None = None
-    override_settings: dict[str, Any] = {}
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     refiner_checkpoint: str | None = None
     refiner_switch_at: float | None = None
@@ -119,6 +123,7 @@ class GenerationRequest(BaseModel):
     alwayson_scripts: dict[str, Any] = {}
     force_task_id: str | None = None
     infotext: str | None = None
+    firstpass_image: str | None = None
 
     @field_validator("*", mode="before")
     @classmethod
@@ -129,7 +134,7 @@ class GenerationRequest(BaseModel):
 
 
 class Txt2ImgRequest(GenerationRequest):
-    denoising_strength: float = 0.75  # only used by the hires pass
+    denoising_strength: float | None = None  # only used by the hires pass
     enable_hr: bool = False
     firstphase_width: int = 0
     firstphase_height: int = 0
@@ -161,7 +166,7 @@ class Img2ImgRequest(GenerationRequest):
     initial_noise_multiplier: float | None = None
     latent_mask: str | None = None
     denoising_strength: float = 0.75
-    include_init_images: bool = Field(False, exclude=True)
+    include_init_images: bool = False
 
 
 # pydantic 2 error type -> pydantic 1 (type, msg), the wording A1111's 422 answers carry.

@@ -114,14 +114,18 @@ def comfyui_model_paths(path: Path, models_dir: Path) -> Path:
     return path
 
 
-def backend_section(webui: str, root: Path, workdir: Path, models: list[str], port: int) -> dict[str, Any]:
-    """``[backend]`` for the agent: the WebUI launched by the shipped launcher, as in the image."""
+def launcher_env(webui: str, root: Path, workdir: Path, port: int) -> dict[str, str]:
+    """The variables the image's unit gives the launcher, for ``webui`` on ``port`` in ``workdir``."""
     models_dir = workdir / "models"
     (models_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    env = {**OFFLINE, "SDAGENT_WEBUI": webui, "SDAGENT_WEBUI_PORT": str(port), "SDAGENT_WEBUI_ROOT": str(root),
-           "SDAGENT_MODELS_DIR": str(models_dir), "STATE_DIRECTORY": str(workdir / "webui-state"),
-           "SDAGENT_WEBUI_ARGS": CPU_ARGS[webui],
-           "SDAGENT_COMFYUI_MODEL_PATHS": str(comfyui_model_paths(workdir / "comfyui-models.yaml", models_dir))}  # fmt: skip
+    return {**OFFLINE, "SDAGENT_WEBUI": webui, "SDAGENT_WEBUI_PORT": str(port), "SDAGENT_WEBUI_ROOT": str(root),
+            "SDAGENT_MODELS_DIR": str(models_dir), "STATE_DIRECTORY": str(workdir / "webui-state"),
+            "SDAGENT_WEBUI_ARGS": CPU_ARGS[webui],
+            "SDAGENT_COMFYUI_MODEL_PATHS": str(comfyui_model_paths(workdir / "comfyui-models.yaml", models_dir))}  # fmt: skip
+
+
+def backend_section(webui: str, root: Path, workdir: Path, models: list[str], port: int) -> dict[str, Any]:
+    """``[backend]`` for the agent: the WebUI launched by the shipped launcher, as in the image."""
     return {
         "kind": webui,
         "url": f"http://127.0.0.1:{port}",
@@ -130,7 +134,7 @@ def backend_section(webui: str, root: Path, workdir: Path, models: list[str], po
         "stall_timeout_s": 90,
         "process": {
             "command": ["bash", str(LAUNCHER)],
-            "env": env,
+            "env": launcher_env(webui, root, workdir, port),
             "ready_timeout_s": READY_TIMEOUT_S,
             "restart_backoff_initial_s": 0.5,
             "stop_timeout_s": 15,

@@ -102,7 +102,7 @@ def test_img2img_blends_the_init_image_and_drops_it_from_the_echo(sim: Simulator
     status, result = call(f"{sim.url}/sdapi/v1/img2img", "POST", body)
     assert status == 200
     assert png(result["images"][0]).convert("RGB").getpixel((32, 32)) == (255, 0, 0)  # strength 0 keeps it
-    assert result["parameters"]["init_images"] is None and "include_init_images" not in result["parameters"]
+    assert result["parameters"]["init_images"] is None and result["parameters"]["include_init_images"] is False
     assert json.loads(result["info"])["denoising_strength"] == 0.0
 
 
@@ -112,6 +112,8 @@ def test_img2img_errors_take_the_a1111_shapes(sim: SimulatorThread) -> None:
     )  # fmt: skip
     status, body = call(f"{sim.url}/sdapi/v1/img2img", "POST", {"init_images": ["bm90IGFuIGltYWdl"]})
     assert (status, body["detail"]) == (500, "Invalid encoded image")
+    status, body = call(f"{sim.url}/sdapi/v1/img2img", "POST", {"init_images": []})  # reaches the VAE
+    assert (status, body["error"]) == (500, "RuntimeError")
 
 
 def test_validation_errors_are_422_in_fastapi_shape(sim: SimulatorThread) -> None:
