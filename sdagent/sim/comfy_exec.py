@@ -30,7 +30,7 @@ import structlog
 from PIL import Image
 
 from sdagent.errors import SdagentError
-from sdagent.sim.comfy_nodes import Dirs, Interrupted, Node, NodeResult, RunContext
+from sdagent.sim.comfy_nodes import Dirs, Interrupted, Node, NodeFailure, NodeResult, RunContext
 from sdagent.sim.comfy_ws import SocketHub
 from sdagent.sim.engine import Engine, Generation, SimulatedOOM
 from sdagent.sim.faults import Api, FaultKind
@@ -40,6 +40,7 @@ log = structlog.get_logger(__name__, simulator=True)
 # server.py's binary frames: a big-endian event type, then for PREVIEW_IMAGE the image format.
 PREVIEW_IMAGE = 1
 JPEG_PREVIEW = struct.pack(">I", 1)
+CYCLE_ERROR = "graph.DependencyCycleError"
 MAX_HISTORY = 10000  # execution.py's MAXIMUM_HISTORY_SIZE: the oldest entry goes first
 OOM_EXCEPTION_TYPE = "torch.cuda.OutOfMemoryError"
 OOM_TIPS = (
@@ -234,8 +235,8 @@ class Executor:
         cached = [node_id for node_id, signature in run.signatures.items() if signature in self._cache]
         await self._message(run, "execution_cached", {"nodes": cached, "prompt_id": prompt_id})
         try:
-            for output_id in run.item.outputs:
-                await self._execute_node(run, output_id, staged=True)
+            for node_id in self._execution_order(run):
+                await self._execute_node(run, node_id, staged=node_id in run.item.outputs)
         except _NodeError as failure:
             await self._report_failure(run, failure)
             return False
@@ -255,9 +256,6 @@ class Executor:
             await self._progress_state(run, node_id, "finished")
             return
         node = run.item.prompt[node_id]
-        for value in node["inputs"].values():
-            if _is_link(value):
-                await self._execute_node(run, str(value[0]))
         node_class = self.nodes[node["class_type"]]
         await self._progress_state(run, node_id, "running", 0.0, 1.0)
         inputs = self._input_values(run, node, node_class)
@@ -298,6 +296,65 @@ class Executor:
             for node, values in run.progress.items()
         }  # fmt: skip
         await self.hub.send("progress_state", {"prompt_id": run.prompt_id, "nodes": nodes}, run.client_id)
+
+    def _execution_order(self, run: _Run) -> list[str]:
+        """The nodes to run, in the order graph.py's ExecutionList runs them.
+
+        Each output is added depth first (inputs pushed in order, popped from the end), skipping
+        cached inputs; then, of the nodes whose inputs are done, an output node goes first, then a
+        node an output waits for, then one two links from an output, else the first added.
+        """
+        pending: dict[str, None] = {}
+        blocked_by: dict[str, int] = {}
+        blocking: dict[str, dict[str, None]] = {}
+        for output_id in run.item.outputs:
+            stack, links = [output_id], []
+            while stack:
+                node_id = stack.pop()
+                if node_id in pending:
+                    continue
+                pending[node_id], blocked_by[node_id], blocking[node_id] = None, 0, {}
+                for value in run.item.prompt[node_id]["inputs"].values():
+                    if not _is_link(value):
+                        continue
+                    source = str(value[0])
+                    hit = self._cache.get(run.signatures[source])
+                    if hit is not None:
+                        self._keep(run, source, run.signatures[source], hit)
+                        continue
+                    stack.append(source)
+                    links.append((source, node_id))
+            for source, target in links:
+                if target not in blocking[source]:
+                    blocking[source][target] = None
+                    blocked_by[target] += 1
+        order = []
+        while pending:
+            ready = [node_id for node_id in pending if blocked_by[node_id] == 0]
+            if not ready:
+                raise _NodeError(next(iter(pending)), NodeFailure("Dependency cycle detected", CYCLE_ERROR), {})
+            node_id = self._pick(run, ready, blocking)
+            order.append(node_id)
+            del pending[node_id]
+            for target in blocking.pop(node_id):
+                blocked_by[target] -= 1
+        return order
+
+    def _pick(self, run: _Run, ready: list[str], blocking: dict[str, dict[str, None]]) -> str:
+        """graph.py's ux_friendly_pick_node: what gets an output on screen soonest."""
+
+        def is_output(node_id: str) -> bool:
+            return self.nodes[run.item.prompt[node_id]["class_type"]].output_node
+
+        for near in (
+            lambda node_id: is_output(node_id),
+            lambda node_id: any(is_output(blocked) for blocked in blocking[node_id]),
+            lambda node_id: any(is_output(far) for blocked in blocking[node_id] for far in blocking[blocked]),
+        ):
+            chosen = next((node_id for node_id in ready if near(node_id)), None)
+            if chosen is not None:
+                return chosen
+        return ready[0]
 
     def _keep(self, run: _Run, node_id: str, signature: str, result: NodeResult) -> None:
         run.outputs[node_id] = result.outputs

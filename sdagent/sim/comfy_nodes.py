@@ -40,6 +40,7 @@ SCHEDULER_NAMES = [
     "simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic",
     "kl_optimal",
 ]  # fmt: skip
+PREFIX_TOOLTIP = "The prefix for the file to save. This may include formatting information such as %date:yyyy-MM-dd% or %Empty Latent Image.width% to include values from nodes."  # noqa: E501 - ComfyUI's text, verbatim
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 DIR_TYPES = ("input", "output", "temp")
 
@@ -129,13 +130,16 @@ class Node:
     """One node class: its ``/object_info`` schema and what running it does."""
 
     name: ClassVar[str]
-    display_name: ClassVar[str]
+    display_name: ClassVar[str | None]
     category: ClassVar[str]
     description: ClassVar[str] = ""
     return_types: ClassVar[tuple[str, ...]] = ()
     output_node: ClassVar[bool] = False
     python_module: ClassVar[str] = "nodes"
     experimental: ClassVar[bool] = False
+    output_tooltips: ClassVar[tuple[str | None, ...] | None] = None
+    # A node of ComfyUI's V3 schema (comfy_api.latest.io): described with COMBO inputs and more fields.
+    v3: ClassVar[bool] = False
     # Inputs a VALIDATE_INPUTS takes; validation then skips their list/min/max checks.
     validated_inputs: ClassVar[tuple[str, ...]] = ()
 
@@ -169,13 +173,36 @@ class Node:
             "category": self.category,
             "output_node": self.output_node,
         }
-        if self.experimental:
+        if self.output_tooltips is not None:
+            info["output_tooltips"] = list(self.output_tooltips)
+        if self.v3:
+            info["input"] = {category: {name: _v3_spec(spec) for name, spec in inputs.items()}
+                             for category, inputs in types.items()}  # fmt: skip
+            info.update(deprecated=False, experimental=self.experimental, api_node=False)
+        elif self.experimental:
             info["experimental"] = True
         return info
 
 
+def _v3_spec(spec: Any) -> list[Any]:
+    """An input as the V3 schema describes it: a list becomes COMBO with options, STRING says multiline."""
+    if isinstance(spec, str):  # a hidden input
+        return [spec]
+    kind, options = spec[0], dict(spec[1]) if len(spec) > 1 else {}
+    if isinstance(kind, list):
+        kind, options = "COMBO", {**options, "multiselect": False, "options": kind}
+    elif kind == "STRING":
+        options.setdefault("multiline", False)
+    return [kind, options]
+
+
 class CheckpointLoaderSimple(Node):
     name = "CheckpointLoaderSimple"
+    output_tooltips = (
+        "The model used for denoising latents.",
+        "The CLIP model used for encoding text prompts.",
+        "The VAE model used for encoding and decoding images to and from latent space.",
+    )  # noqa: E501 - ComfyUI's text, verbatim
     display_name = "Load Checkpoint"
     category = "loaders"
     description = "Loads a diffusion model checkpoint, diffusion models are used to denoise latents."
@@ -196,6 +223,7 @@ class CheckpointLoaderSimple(Node):
 
 class CLIPTextEncode(Node):
     name = "CLIPTextEncode"
+    output_tooltips = ("A conditioning containing the embedded text used to guide the diffusion model.",)
     display_name = "CLIP Text Encode (Prompt)"
     category = "conditioning"
     description = (
@@ -218,6 +246,7 @@ class CLIPTextEncode(Node):
 
 class EmptyLatentImage(Node):
     name = "EmptyLatentImage"
+    output_tooltips = ("The empty latent image batch.",)
     display_name = "Empty Latent Image"
     category = "latent"
     description = "Create a new batch of empty latent images to be denoised via sampling."
@@ -243,6 +272,7 @@ class EmptyLatentImage(Node):
 
 class KSampler(Node):
     name = "KSampler"
+    output_tooltips = ("The denoised latent.",)
     display_name = "KSampler"
     category = "sampling"
     description = "Uses the provided model, positive and negative conditioning to denoise the latent image."
@@ -252,15 +282,65 @@ class KSampler(Node):
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model used for denoising the input latent."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
-                "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
-                "sampler_name": (SAMPLER_NAMES,),
-                "scheduler": (SCHEDULER_NAMES,),
-                "positive": ("CONDITIONING",),
-                "negative": ("CONDITIONING",),
-                "latent_image": ("LATENT",),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+                "seed": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": MAX_SEED,
+                        "control_after_generate": True,
+                        "tooltip": "The random seed used for creating the noise.",
+                    },
+                ),
+                "steps": (
+                    "INT",
+                    {
+                        "default": 20,
+                        "min": 1,
+                        "max": 10000,
+                        "tooltip": "The number of steps used in the denoising process.",
+                    },
+                ),
+                "cfg": (
+                    "FLOAT",
+                    {
+                        "default": 8.0,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "round": 0.01,
+                        "tooltip": "The Classifier-Free Guidance scale balances creativity and adherence to the prompt. Higher values result in images more closely matching the prompt however too high values will negatively impact quality.",  # noqa: E501 - ComfyUI's text, verbatim
+                    },
+                ),
+                "sampler_name": (
+                    SAMPLER_NAMES,
+                    {
+                        "tooltip": "The algorithm used when sampling, this can affect the quality, speed, and style of the generated output."  # noqa: E501 - ComfyUI's text, verbatim
+                    },
+                ),
+                "scheduler": (
+                    SCHEDULER_NAMES,
+                    {"tooltip": "The scheduler controls how noise is gradually removed to form the image."},
+                ),
+                "positive": (
+                    "CONDITIONING",
+                    {"tooltip": "The conditioning describing the attributes you want to include in the image."},
+                ),
+                "negative": (
+                    "CONDITIONING",
+                    {"tooltip": "The conditioning describing the attributes you want to exclude from the image."},
+                ),
+                "latent_image": ("LATENT", {"tooltip": "The latent image to denoise."}),
+                "denoise": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "The amount of denoising applied, lower values will maintain the structure of the initial image allowing for image to image sampling.",  # noqa: E501 - ComfyUI's text, verbatim
+                    },
+                ),
             }
         }
 
@@ -303,6 +383,7 @@ class KSampler(Node):
 
 class VAEDecode(Node):
     name = "VAEDecode"
+    output_tooltips = ("The decoded image.",)
     display_name = "VAE Decode"
     category = "latent"
     description = "Decodes latent images back into pixel space images."
@@ -382,7 +463,7 @@ class SaveImage(Node):
         return {
             "required": {
                 "images": ("IMAGE", {"tooltip": "The images to save."}),
-                "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip": "The prefix for the file to save."}),
+                "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip": PREFIX_TOOLTIP}),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
@@ -442,6 +523,8 @@ class SaveAnimatedWEBP(_SaveAnimation):
 
 class SaveWEBM(_SaveAnimation):
     name = "SaveWEBM"
+    v3 = True
+    output_tooltips = ()
     display_name = "SaveWEBM"
     category = "image/video"
     python_module = "comfy_extras.nodes_video"
@@ -455,7 +538,16 @@ class SaveWEBM(_SaveAnimation):
                 "filename_prefix": ("STRING", {"default": "ComfyUI"}),
                 "codec": (["vp9", "av1"],),
                 "fps": ("FLOAT", {"default": 24.0, "min": 0.01, "max": 1000.0, "step": 0.01}),
-                "crf": ("FLOAT", {"default": 32.0, "min": 0, "max": 63.0, "step": 1}),
+                "crf": (
+                    "FLOAT",
+                    {
+                        "default": 32.0,
+                        "min": 0,
+                        "max": 63.0,
+                        "step": 1,
+                        "tooltip": "Higher crf means lower quality with a smaller file size, lower crf means higher quality higher filesize.",  # noqa: E501 - ComfyUI's text, verbatim
+                    },
+                ),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
@@ -476,6 +568,8 @@ class Clip:
 
 class CreateVideo(Node):
     name = "CreateVideo"
+    v3 = True
+    output_tooltips = (None,)
     display_name = "Create Video"
     category = "image/video"
     description = "Create a video from images."
@@ -497,6 +591,8 @@ class CreateVideo(Node):
 
 class SaveVideo(Node):
     name = "SaveVideo"
+    v3 = True
+    output_tooltips = ()
     display_name = "Save Video"
     category = "image/video"
     description = "Saves the input images to your ComfyUI output directory."
@@ -507,7 +603,7 @@ class SaveVideo(Node):
         return {
             "required": {
                 "video": ("VIDEO", {"tooltip": "The video to save."}),
-                "filename_prefix": ("STRING", {"default": "video/ComfyUI"}),
+                "filename_prefix": ("STRING", {"default": "video/ComfyUI", "tooltip": PREFIX_TOOLTIP}),
                 "format": (["auto", "mp4"], {"default": "auto", "tooltip": "The format to save the video as."}),
                 "codec": (["auto", "h264"], {"default": "auto", "tooltip": "The codec to use for the video."}),
             },

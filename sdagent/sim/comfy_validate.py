@@ -7,6 +7,7 @@ prompt only when no output is left.
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,7 @@ def _validate_outputs(validator: _Validator, outputs: list[str]) -> Validation:
                 "type": "exception_during_validation",
                 "message": "Exception when validating node",
                 "details": str(exc),
-                "extra_info": {"exception_type": exc.__cause__.__class__.__name__, "traceback": []},
+                "extra_info": {"exception_type": exc.__cause__.__class__.__name__, "traceback": traceback.format_tb(exc.__traceback__)},
             }]  # fmt: skip
             validator.validated[output] = (False, reasons, output)
         if valid:
@@ -158,7 +159,22 @@ class _Validator:
             details = f"{name}, received_type({received}) mismatch input_type({spec[0]})"
             extra = {"input_name": name, "input_config": info, "received_type": received, "linked_node": link}
             return True, _reason("return_type_mismatch", "Return type mismatch between linked nodes", details, extra)
-        return self.validate(str(source_id))[0], None
+        try:
+            return self.validate(str(source_id))[0], None
+        except _BrokenGraph as exc:
+            # execution.py catches what validating an input's node raised and blames that node.
+            reasons = [{
+                "type": "exception_during_inner_validation",
+                "message": "Exception when validating inner node",
+                "details": str(exc),
+                "extra_info": {
+                    "input_name": name, "input_config": info, "exception_message": str(exc),
+                    "exception_type": exc.__cause__.__class__.__name__, "traceback": traceback.format_tb(exc.__traceback__),
+                    "linked_node": link,
+                },
+            }]  # fmt: skip
+            self.validated[str(source_id)] = (False, reasons, str(source_id))
+            return False, None
 
     def _check_value(
         self, inputs: dict[str, Any], name: str, spec: tuple[Any, ...], node_class: Node

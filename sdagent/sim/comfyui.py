@@ -12,7 +12,6 @@ import asyncio
 import json
 import mimetypes
 import os
-import platform
 import sys
 import uuid
 from typing import Any
@@ -31,6 +30,8 @@ from sdagent.sim.faults import Api
 log = structlog.get_logger(__name__, simulator=True)
 
 COMFYUI_VERSION = "0.3.60-simulated"
+# What 0.3.64's requirements.txt pins (comfyui-frontend-package, comfyui-workflow-templates).
+FRONTEND_VERSION, TEMPLATES_VERSION = "1.27.10", "0.1.95"
 DEVICE_NAME = "SIMULATED"  # /system_stats device name: nobody mistakes the simulator for a GPU
 MIB = 1024 * 1024
 # The folders /models lists (folder_paths.folder_names_and_paths); only checkpoints has files here.
@@ -184,11 +185,13 @@ class ComfyApi:
                     "ram_total": memory.total,
                     "ram_free": memory.available,
                     "comfyui_version": COMFYUI_VERSION,
+                    "required_frontend_version": FRONTEND_VERSION,
+                    "installed_templates_version": TEMPLATES_VERSION,
+                    "required_templates_version": TEMPLATES_VERSION,
                     "python_version": sys.version,
                     "pytorch_version": "simulated",
                     "embedded_python": False,
                     "argv": sys.argv,
-                    "platform": platform.platform(),
                 },
                 "devices": [
                     {

@@ -220,7 +220,8 @@ def test_progress_moves_through_a_job_alike(
         steps_reported = {steps for _, step, steps, _ in running if step > 0}
         assert steps_reported == {sampled}, f"{name}: {seen}"
         # sampling_step is the index of the step being taken: the last one is sampled - 1
-        assert max(step for _, step, _, _ in running) == sampled - 1, f"{name}: {seen}"
+        # (a poll may miss the last one: it lasts as long as decoding takes)
+        assert sampled - 2 <= max(step for _, step, _, _ in running) <= sampled - 1, f"{name}: {seen}"
         assert all(job == "scripts_" + path.rsplit("/", 1)[1] for count, _, _, job in running if count), (
             f"{name}: {seen}"
         )

@@ -128,7 +128,7 @@ def test_websocket_messages_arrive_in_the_real_order(sim: SimulatorThread) -> No
     kinds = [(m["type"], m["data"].get("node")) for m in messages[1:] if m["type"] != "progress_state"]
     assert kinds == [
         ("status", None), ("status", None), ("execution_start", None), ("execution_cached", None),
-        ("executing", "4"), ("executing", "6"), ("executing", "7"), ("executing", "5"), ("executing", "3"),
+        ("executing", "4"), ("executing", "5"), ("executing", "7"), ("executing", "6"), ("executing", "3"),
         ("progress", "3"), ("progress", "3"), ("progress", "3"), ("executing", "8"), ("executing", "9"),
         ("executed", "9"), ("execution_success", None), ("status", None), ("executing", None),
     ]  # fmt: skip

@@ -109,9 +109,17 @@ def test_graph_level_errors(validate) -> None:  # type: ignore[no-untyped-def]
     assert validate(prompt={"1": {"inputs": {}}}).error["details"] == "Node ID '#1'"
 
 
-def test_link_to_a_missing_node_fails_validation_of_its_output(validate) -> None:  # type: ignore[no-untyped-def]
+def test_link_to_a_missing_node_is_blamed_on_the_linking_node(validate) -> None:  # type: ignore[no-untyped-def]
+    # As execution.py does: the KeyError escapes node 8's validation and is caught by node 9's
+    # check of its input, which blames node 8; at the output itself it is an outer exception.
     result = validate({"8": {"samples": ["99", 0]}})
-    assert not result.ok
+    assert not result.ok and list(result.node_errors) == ["8"]
+    reason = result.node_errors["8"]["errors"][0]
+    assert (reason["type"], reason["extra_info"]["input_name"], reason["extra_info"]["linked_node"]) == (
+        "exception_during_inner_validation", "images", ["8", 0],
+    )  # fmt: skip
+    assert reason["extra_info"]["exception_type"] == "KeyError" and reason["extra_info"]["traceback"]
+    result = validate({"9": {"images": ["99", 0]}})
     assert result.node_errors["9"]["errors"][0]["type"] == "exception_during_validation"
 
 
