@@ -73,6 +73,8 @@ WARM_UP_REQUEST = {
 _HASH_SUFFIX = re.compile(r" \[[0-9a-fA-F]{8,64}\]$")
 # A1111's own answer to an unknown sd_model_checkpoint in POST /options (a RuntimeError, so 500).
 _UNKNOWN_MODEL = re.compile(r"^model .* not found$")
+# The HTTPException details A1111 and Forge answer 500 with for a request that cannot succeed.
+_REFUSALS = frozenset({"Invalid encoded image", "Requests not allowed", "Request to local resource not allowed"})
 
 _MEDIA_TYPES: dict[OutputFormat, tuple[str, str]] = {
     OutputFormat.PNG: ("image/png", "png"),
@@ -178,10 +180,16 @@ class A1111Backend(Backend):
         previous, started = self._loaded, self._clock()
         self._loaded = None  # unknown while loading, and after a failed switch
         self._call("POST", "/options", json={"sd_model_checkpoint": checkpoint.title}, timeout=self._long_timeout)
-        loaded = self.loaded_model()
+        options = self._get("/options")
+        loaded = self._name_of(options.get("sd_model_checkpoint"))
         if loaded != checkpoint.name:
             raise BackendError(f"A1111 accepted the switch to {checkpoint.name!r} but has {loaded!r} loaded")
-        log.info("a1111.model_switched", model=model, previous=previous, ms=round((self._clock() - started) * 1000, 1))
+        lazy = _loads_on_next_generation(options)
+        if lazy:  # the load belongs to the switch, not to the next job's inference (or its stall timer)
+            self.warm_up()
+        self._loaded = loaded
+        log.info("a1111.model_switched", model=model, previous=previous, ms=round((self._clock() - started) * 1000, 1),
+                 forced_load=lazy)  # fmt: skip
 
     def refresh_models(self) -> tuple[str, ...]:
         """Rescan A1111's model folders (after the model cache staged a file); returns the names.
@@ -601,6 +609,14 @@ def _encode(data: bytes, fmt: OutputFormat, infotext: str | None) -> bytes:
     return out.getvalue()
 
 
+def _loads_on_next_generation(options: dict[str, Any]) -> bool:
+    """Forge (same API) only records ``POST /options``' checkpoint and loads it in the next generation.
+
+    Its options, unlike A1111's, carry ``forge_preset``.
+    """
+    return "forge_preset" in options
+
+
 def _raise_for_status(response: httpx.Response, what: str) -> None:
     """Map a non-2xx answer of A1111 onto the error hierarchy.
 
@@ -615,7 +631,9 @@ def _raise_for_status(response: httpx.Response, what: str) -> None:
     error = str(body.get("error") or "")
     detail = body.get("detail")
     errors = str(body.get("errors") or "")
-    said = errors or (detail if isinstance(detail, str) else "") or response.text[:300]
+    # What the server said, wherever it put it: forks and proxies drop ``errors`` or use ``message``.
+    refusal = detail if isinstance(detail, str) and detail else str(body.get("message") or "")
+    said = errors or refusal or response.text[:300]
     if error == "OutOfMemoryError" or "out of memory" in said.lower():
         raise BackendError(f"{what}: the GPU ran out of memory: {said}")
     if status == 422:
@@ -626,11 +644,11 @@ def _raise_for_status(response: httpx.Response, what: str) -> None:
         raise BackendError(f"{what}: no such route (is the WebUI started with --api or --nowebui?)")
     if status == 404 and detail == "Sampler not found":
         raise UnsupportedJob(f"{what}: A1111 does not know the sampler")
-    if status == 500 and error == "RuntimeError" and _UNKNOWN_MODEL.match(errors):
-        raise ModelNotFound(f"{what}: {errors}")
+    if status == 500 and any(_UNKNOWN_MODEL.match(text) for text in (errors, refusal)):
+        raise ModelNotFound(f"{what}: {said}")
     if status in (401, 403):
         raise BackendError(f"{what}: {status} not authorised (does A1111 run with --api-auth?)")
-    if status >= 500 and error == "HTTPException":
+    if status >= 500 and (error == "HTTPException" or refusal in _REFUSALS):
         # A deliberate refusal of this request ("Invalid encoded image"): retrying cannot help.
         raise BackendError(f"{what}: {status} {said}")
     if status >= 500 or status == 429:

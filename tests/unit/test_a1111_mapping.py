@@ -215,3 +215,43 @@ def test_progress_is_reported_in_the_jobs_steps_and_a_stale_step_count_is_ignore
     img2img = job(kind="img2img", steps=20, denoising_strength=0.5, init_image={"base64": image()})
     backend.generate(img2img, lambda step, steps: reported.append((step, steps)), threading.Event())
     assert reported[:2] == [(5, 20), (20, 20)]
+
+
+@pytest.mark.parametrize(
+    ("body", "raised", "message"),
+    [
+        ({"detail": "Invalid encoded image"}, BackendError, "Invalid encoded image"),
+        ({"message": "Invalid encoded image"}, BackendError, "Invalid encoded image"),
+        ({"detail": "model 'nope.safetensors' not found"}, ModelNotFound, "not found"),
+        ({"error": "RuntimeError", "detail": "", "body": "", "errors": "model 'nope' not found"}, ModelNotFound, "nope"),
+        ({"detail": "CUDA error: an illegal memory access"}, BackendUnavailable, "illegal memory access"),
+    ],
+)  # fmt: skip
+def test_error_bodies_without_errors_are_still_classified(
+    body: dict[str, Any], raised: type[Exception], message: str
+) -> None:
+    backend, _ = backend_with({"POST /sdapi/v1/txt2img": answer(body, 500)})
+    with pytest.raises(raised, match=message) as caught:
+        generate(backend, job())
+    if raised is BackendError:
+        assert type(caught.value) is BackendError  # permanent: a bad image is never retried
+
+
+def test_a_server_that_loads_on_the_next_generation_loads_during_the_switch() -> None:
+    # Forge: POST /options records the checkpoint (its options carry forge_preset); the weights
+    # load in the next generation, which the switch runs itself so switch_ms is the load.
+    selected = {"sd_model_checkpoint": "sd15.safetensors [6ce0161689]", "forge_preset": "sd"}
+
+    def record(request: httpx.Request) -> httpx.Response:
+        selected["sd_model_checkpoint"] = json.loads(request.content)["sd_model_checkpoint"]
+        return httpx.Response(200, json=None)
+
+    routes = {"GET /sdapi/v1/options": lambda request: httpx.Response(200, json=selected),
+              "POST /sdapi/v1/options": record, "POST /sdapi/v1/txt2img": generated([image()], all_seeds=[11])}  # fmt: skip
+    backend, asked = backend_with(routes)
+    backend.switch_model("sdxl/base.safetensors")
+    assert asked[-3:] == ["POST /sdapi/v1/options", "GET /sdapi/v1/options", "POST /sdapi/v1/txt2img"]
+    assert backend.loaded_model() == "sdxl/base.safetensors"
+    del selected["forge_preset"]  # A1111: the POST itself loads; no generation in the switch
+    backend.switch_model("sd15.safetensors")
+    assert asked[-2:] == ["POST /sdapi/v1/options", "GET /sdapi/v1/options"]
