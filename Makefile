@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PYTEST_ARGS ?=
 
-.PHONY: venv tools webuis lint test demo
+.PHONY: venv tools webuis webui-locks lint test demo
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ tools:
 # once per set of pins (about 2 minutes and 13 GB the first time), then a hash and a stat.
 webuis:
 	bash ci/install-webuis.sh
+
+# The locks from the virtualenvs install-webuis.sh built (after changing one by hand, say).
+webui-locks: webuis
+	bash ci/write-webui-locks.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .

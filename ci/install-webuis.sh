@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds the virtualenvs of the real WebUIs the conformance suite starts (AUTOMATIC1111 v1.10.1
 # and ComfyUI 0.3.64, on CPU), cached under ~/.cache/sdagent/webui-venvs and keyed by what they
-# install: a second run with the same pins costs a hash and a stat.
+# install (packer/locks, the image's versions): a second run costs a hash and a stat.
 #
 # Writes .webuis.env (KEY=VALUE lines) naming each WebUI's source tree and interpreter; the
 # conformance fixtures read it. Sources come from ../shared/webuis (or $SDAGENT_WEBUI_SOURCES);
-# everything installed comes from PyPI at pinned versions: nothing from GitHub.
+# everything installed comes from PyPI at the locked versions: nothing from GitHub.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -24,57 +24,56 @@ find_python() {
   return 1
 }
 
-# Pins are part of the key: change one and the venv is rebuilt beside the old one.
-A1111_PINS="torch==2.1.2 torchvision==0.16.2"
-A1111_NODEPS="openai-clip==1.0.1"
-COMFYUI_PINS="torch==2.9.0 torchvision==0.24.0 torchaudio==2.9.0"
-COMFYUI_EXTRA="requests==2.32.5"
-
-venv_key() {  # name python requirements-file pins...
-  local name=$1 python=$2 requirements=$3
-  shift 3
-  { echo "$name"; "$python" --version; cat "$requirements"; echo "$@"; } | sha256sum | cut -c1-12
+# packer/locks: every package at the version the image installs; the lock's hash is the venv's key,
+# so a changed lock builds a new venv beside the old one. --no-deps: the lock is complete.
+venv_key() {  # name python lock
+  { echo "$1"; "$2" --version; cat "$3"; } | sha256sum | cut -c1-12
 }
 
-build_venv() {  # dir python requirements-file pins nodeps extra
-  local dir=$1 python=$2 requirements=$3 pins=$4 nodeps=$5 extra=$6
+build_venv() {  # dir python lock
+  local dir=$1 python=$2 lock=$3
   if [ -f "$dir/.complete" ]; then return 0; fi
   echo "install-webuis: building $dir"
   rm -rf "$dir"
   "$python" -m venv "$dir"
-  local pip=("$dir/bin/python" -m pip install -q --disable-pip-version-check)
-  # shellcheck disable=SC2086  # pins are space-separated requirement specifiers
-  "${pip[@]}" $pins
-  # The requirement files name torch unpinned: the constraint keeps the pinned one.
-  # shellcheck disable=SC2086
-  "${pip[@]}" -r "$requirements" $extra -c <(printf '%s\n' $pins)
-  # shellcheck disable=SC2086
-  if [ -n "$nodeps" ]; then "${pip[@]}" --no-deps $nodeps; fi
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check --no-deps -r "$lock"
   touch "$dir/.complete"
 }
 
+# To change a version: edit the lock, or rebuild a venv from the WebUI's requirements and
+# regenerate it (make webui-locks).
 a1111_src="$sources/a1111-v1.10.1"
 comfy_src="$sources/comfyui-0.3.64"
-for tree in "$a1111_src" "$comfy_src"; do
+forge_src="$sources/forge-dfdcbab6"
+for tree in "$a1111_src" "$comfy_src" "$forge_src"; do
   [ -d "$tree" ] || { echo "install-webuis: no WebUI sources at $tree" >&2; exit 1; }
 done
 
 py310=$(find_python 3.10)
 py311=$(find_python 3.11)
-a1111_venv="$cache/a1111-$(venv_key a1111 "$py310" "$a1111_src/requirements_versions.txt" "$A1111_PINS" "$A1111_NODEPS")"
-comfy_venv="$cache/comfyui-$(venv_key comfyui "$py311" "$comfy_src/requirements.txt" "$COMFYUI_PINS" "$COMFYUI_EXTRA")"
+a1111_lock="$repo/packer/locks/a1111.txt"
+comfy_lock="$repo/packer/locks/comfyui.txt"
+forge_lock="$repo/packer/locks/forge.txt"
+a1111_venv="$cache/a1111-$(venv_key a1111 "$py310" "$a1111_lock")"
+comfy_venv="$cache/comfyui-$(venv_key comfyui "$py311" "$comfy_lock")"
+forge_venv="$cache/forge-$(venv_key forge "$py310" "$forge_lock")"
 
-build_venv "$a1111_venv" "$py310" "$a1111_src/requirements_versions.txt" "$A1111_PINS" "$A1111_NODEPS" "" &
+build_venv "$a1111_venv" "$py310" "$a1111_lock" &
 a1111_pid=$!
-build_venv "$comfy_venv" "$py311" "$comfy_src/requirements.txt" "$COMFYUI_PINS" "" "$COMFYUI_EXTRA" &
+build_venv "$comfy_venv" "$py311" "$comfy_lock" &
 comfy_pid=$!
+build_venv "$forge_venv" "$py310" "$forge_lock" &
+forge_pid=$!
 wait "$a1111_pid"
 wait "$comfy_pid"
+wait "$forge_pid"
 
 cat >"$repo/.webuis.env" <<EOF
 SDAGENT_A1111_SOURCE=$a1111_src
 SDAGENT_A1111_PYTHON=$a1111_venv/bin/python
 SDAGENT_COMFYUI_SOURCE=$comfy_src
 SDAGENT_COMFYUI_PYTHON=$comfy_venv/bin/python
+SDAGENT_FORGE_SOURCE=$forge_src
+SDAGENT_FORGE_PYTHON=$forge_venv/bin/python
 EOF
-echo "install-webuis: ready ($(basename "$a1111_venv"), $(basename "$comfy_venv"))"
+echo "install-webuis: ready ($(basename "$a1111_venv"), $(basename "$comfy_venv"), $(basename "$forge_venv"))"

@@ -1,5 +1,6 @@
 # Default values for every variable in variables.pkr.hcl. Build with
-#   packer build -var-file=defaults.pkrvars.hcl -var agent_wheel=../dist/sdagent-0.1.0-py3-none-any.whl .
+#   packer build -var-file=defaults.pkrvars.hcl -var agent_wheel=../dist/sdagent-0.1.0-py3-none-any.whl \
+#     -var webui_bundle=../dist/webui-a1111.tar.gz .
 # and override per build with -var or a second -var-file (docs/packaging.md).
 
 aws_region      = "us-east-1"
@@ -27,21 +28,18 @@ agent_python = "3.11"
 uv_version   = "0.13.9"
 
 webui = "a1111"
-webui_repository = {
-  a1111   = "https://github.com/AUTOMATIC1111/stable-diffusion-webui.git"
-  comfyui = "https://github.com/comfyanonymous/ComfyUI.git"
-}
+# Made by packer/make-webui-bundle.sh from the tree at webui_revision (docs/packaging.md).
+webui_bundle = "../dist/webui-a1111.tar.gz"
 # Pinned commits, never a branch or tag; bump together with the backends' tests (docs/packaging.md).
 webui_revision = {
   a1111   = "82a973c04367123ae98bd9abdf80d9eda9b910e2" # tag v1.10.1
-  comfyui = "4e95c0c104240dcef27927617756e21ebab2173e" # a 0.3.41 commit (comfyui_version.py)
+  comfyui = "a125cd84b054a57729b5eecab930ca9408719832" # version 0.3.64 (comfyui_version.py)
 }
 # A1111 1.10 supports Python 3.10 only; ComfyUI runs on 3.11 like the agent.
 webui_python = {
   a1111   = "3.10"
   comfyui = "3.11"
 }
-torch_index_url = "https://download.pytorch.org/whl/cu121"
 
 cloudwatch_agent_url    = "https://amazoncloudwatch-agent.s3.amazonaws.com/ubuntu/amd64/latest/amazon-cloudwatch-agent.deb"
 cloudwatch_agent_config = "../cloudwatch/agent.json"

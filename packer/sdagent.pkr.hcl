@@ -3,7 +3,7 @@
 # Variables: variables.pkr.hcl; values: defaults.pkrvars.hcl; how and why: docs/packaging.md.
 #
 #   packer init .            (or install the amazon plugin by hand: ci/install-packaging-tools.sh)
-#   packer build -var-file=defaults.pkrvars.hcl -var agent_wheel=../dist/<wheel> .
+#   packer build -var-file=defaults.pkrvars.hcl -var agent_wheel=../dist/<wheel> -var webui_bundle=../dist/webui-<webui>.tar.gz .
 #
 # Every build ends cleanup -> validate -> version inventory (sdagent-<webui>-version-info.json).
 
@@ -89,7 +89,7 @@ build {
   sources = ["source.amazon-ebs.gpu"]
 
   provisioner "shell" {
-    inline = ["mkdir -p ${local.staging}/rootfs ${local.staging}/dist ${local.staging}/docs"]
+    inline = ["mkdir -p ${local.staging}/rootfs ${local.staging}/dist ${local.staging}/docs ${local.staging}/webui/locks"]
   }
 
   # The files the image carries, each uploaded once from where it lives in this repository.
@@ -104,6 +104,14 @@ build {
   provisioner "file" {
     source      = var.cloudwatch_agent_config
     destination = "${local.staging}/cloudwatch-agent.json"
+  }
+  provisioner "file" {
+    sources     = [var.webui_bundle, "${var.webui_bundle}.sha256", "${path.root}/provisioners/clip-l-offline.py"]
+    destination = "${local.staging}/webui/"
+  }
+  provisioner "file" {
+    source      = "${path.root}/locks/${var.webui}.txt"
+    destination = "${local.staging}/webui/locks/${var.webui}.txt"
   }
   provisioner "file" {
     sources     = ["${path.root}/../docs/packaging.md", "${path.root}/../docs/boot-budget.md"]
@@ -131,11 +139,9 @@ build {
     execute_command = "chmod +x {{ .Path }}; sudo env {{ .Vars }} {{ .Path }}"
     script          = "${path.root}/provisioners/install-webui.sh"
     environment_vars = [
+      "STAGING=${local.staging}",
       "WEBUI=${var.webui}",
-      "WEBUI_REPOSITORY=${var.webui_repository[var.webui]}",
-      "WEBUI_REVISION=${local.webui_revision}",
       "WEBUI_PYTHON=${var.webui_python[var.webui]}",
-      "TORCH_INDEX_URL=${var.torch_index_url}",
     ]
   }
 

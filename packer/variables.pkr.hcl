@@ -103,24 +103,23 @@ variable "webui" {
   }
 }
 
-variable "webui_repository" {
-  type        = map(string)
-  description = "Git repository of each WebUI."
+variable "webui_bundle" {
+  type        = string
+  description = "The WebUI's source tree as packer/make-webui-bundle.sh packs it (a .sha256 beside it); the build clones nothing."
 }
 
 variable "webui_revision" {
   type        = map(string)
   description = "Pinned commit of each WebUI (full 40-hex SHA; a tag or branch would drift)."
+  validation {
+    condition     = length([for revision in values(var.webui_revision) : revision if !can(regex("^[0-9a-f]{40}$", revision))]) == 0
+    error_message = "Each webui_revision must be a full 40-hex commit SHA."
+  }
 }
 
 variable "webui_python" {
   type        = map(string)
   description = "Python version of each WebUI's virtualenv."
-}
-
-variable "torch_index_url" {
-  type        = string
-  description = "PyTorch wheel index for the CUDA version of the base AMI's driver."
 }
 
 variable "cloudwatch_agent_url" {

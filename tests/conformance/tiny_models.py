@@ -24,55 +24,25 @@ tokenizer's vocabulary is CLIP's, rebuilt from the BPE merges that open_clip shi
 from __future__ import annotations
 
 import argparse
-import gzip
+import importlib.util
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
-MERGES = 49152 - 256 - 2  # CLIP's vocabulary: 256 bytes, 256 byte-ends, merges, 2 specials
+# The image build's CLIP tokenizer maker: the tiny text encoders get the same tokenizer as SD1's.
+_spec = importlib.util.spec_from_file_location(
+    "clip_l_offline", Path(__file__).resolve().parents[2] / "packer/provisioners/clip-l-offline.py"
+)
+assert _spec is not None and _spec.loader is not None
+clip_l_offline = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(clip_l_offline)
+write_tokenizer, clip_text_config = clip_l_offline.write_tokenizer, clip_l_offline.clip_text_config
+
 UNET_SD1 = {"image_size": 32, "in_channels": 4, "out_channels": 4, "use_spatial_transformer": True,
             "transformer_depth": 1, "use_checkpoint": False, "legacy": False}  # fmt: skip
 VAE_SD1 = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
            "ch_mult": [1, 2, 4, 4], "attn_resolutions": [], "dropout": 0.0}  # fmt: skip
-
-
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's reversible map of bytes to printable characters, which CLIP's BPE works in."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes), strict=True))
-
-
-def write_tokenizer(bpe_gz: Path, out: Path) -> None:
-    """CLIP's tokenizer files (vocab.json, merges.txt) in the layout transformers reads."""
-    merges = gzip.decompress(bpe_gz.read_bytes()).decode("utf-8").split("\n")[1 : MERGES + 1]
-    letters = list(byte_alphabet().values())
-    vocab = letters + [letter + "</w>" for letter in letters] + ["".join(m.split()) for m in merges]
-    vocab += [CLIP_BOS, CLIP_EOS]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    specials = {"bos_token": CLIP_BOS, "eos_token": CLIP_EOS, "unk_token": CLIP_EOS, "pad_token": CLIP_EOS}
-    (out / "special_tokens_map.json").write_text(json.dumps(specials))
-    (out / "tokenizer_config.json").write_text(json.dumps({**specials, "model_max_length": 77,
-                                                          "tokenizer_class": "CLIPTokenizer"}))  # fmt: skip
-
-
-def clip_config(width: int, layers: int, heads: int) -> dict[str, Any]:
-    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_act": "quick_gelu",
-            "hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "max_position_embeddings": 77, "vocab_size": 49408,
-            "projection_dim": width, "bos_token_id": 0, "eos_token_id": 49407, "pad_token_id": 1,
-            "layer_norm_eps": 1e-5, "initializer_factor": 1.0, "initializer_range": 0.02}  # fmt: skip
 
 
 def model_config(unet: dict[str, Any], vae_ch: int, vae_blocks: int, clip_dir: Path) -> dict[str, Any]:
@@ -128,7 +98,7 @@ def save(state: dict[str, Any], path: Path) -> None:
 def write_a1111_models(out: Path, bpe_gz: Path) -> None:
     clip_dir = out / "clip-tiny"
     write_tokenizer(bpe_gz, clip_dir)
-    (clip_dir / "config.json").write_text(json.dumps(clip_config(width=32, layers=2, heads=2)))
+    (clip_dir / "config.json").write_text(json.dumps(clip_text_config(width=32, layers=2, heads=2)))
     unet = {"model_channels": 32, "attention_resolutions": [1], "num_res_blocks": 1, "channel_mult": [1, 2],
             "num_heads": 2, "context_dim": 32}  # fmt: skip
     config = model_config(unet, vae_ch=32, vae_blocks=1, clip_dir=clip_dir)
@@ -142,7 +112,7 @@ def write_a1111_models(out: Path, bpe_gz: Path) -> None:
 def write_comfyui_models(out: Path, bpe_gz: Path) -> None:
     clip_dir = out / "clip-l"
     write_tokenizer(bpe_gz, clip_dir)
-    (clip_dir / "config.json").write_text(json.dumps(clip_config(width=768, layers=12, heads=12)))
+    (clip_dir / "config.json").write_text(json.dumps(clip_text_config(width=768, layers=12, heads=12)))
     unet = {"model_channels": 320, "attention_resolutions": [1], "num_res_blocks": 1, "channel_mult": [1],
             "num_heads": 8, "context_dim": 768}  # fmt: skip
     config = model_config(unet, vae_ch=128, vae_blocks=2, clip_dir=clip_dir)
@@ -156,9 +126,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     sys.path.insert(0, str(args.ldm))
-    import open_clip
-
-    bpe_gz = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    bpe_gz = clip_l_offline.open_clip_bpe()
     for webui, write in (("a1111", write_a1111_models), ("comfyui", write_comfyui_models)):
         folder = args.out / webui
         folder.mkdir(parents=True, exist_ok=True)
