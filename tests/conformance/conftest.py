@@ -34,12 +34,14 @@ from sdagent.jobs import StatusEvent
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHER = REPO / "systemd/rootfs/usr/libexec/sdagent/webui"
 GENERATOR = Path(__file__).with_name("tiny_models.py")
+CLIP_OFFLINE = REPO / "packer/provisioners/clip-l-offline.py"  # tiny_models.py uses its tokenizer
 MODELS_CACHE = Path(os.environ.get("SDAGENT_CACHE_DIR", Path.home() / ".cache/sdagent")) / "conformance-models"
 READY_TIMEOUT_S = 240  # a cold first start compiles bytecode: ComfyUI took ~66 s once
 # A WebUI that exits this often before the agent is ready will not start: fail now, not at the timeout.
 EXITS_BEFORE_READY = 3
 # On a CPU: no half precision, no CUDA probing. Offline: nothing may come from a hub.
-CPU_ARGS = {"a1111": "--use-cpu all --no-half", "comfyui": "--cpu --disable-api-nodes --disable-all-custom-nodes"}
+CPU_ARGS = {"a1111": "--use-cpu all --no-half", "comfyui": "--cpu --disable-api-nodes --disable-all-custom-nodes",
+            "forge": "--always-cpu"}  # fmt: skip
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 MODELS = {"a1111": ("tiny-a.safetensors", "tiny-b.safetensors"),
           "comfyui": ("shallow-a.safetensors", "shallow-b.safetensors")}  # fmt: skip
@@ -65,7 +67,7 @@ def installs() -> dict[str, Install]:
             key, _, value = line.partition("=")
             values.setdefault(key.strip(), value.strip())
     found = {}
-    for webui in ("a1111", "comfyui"):
+    for webui in ("a1111", "comfyui", "forge"):
         source, python = values.get(f"SDAGENT_{webui.upper()}_SOURCE"), values.get(f"SDAGENT_{webui.upper()}_PYTHON")
         if not source or not python or not Path(python).exists():
             pytest.fail(f"the {webui} WebUI is not installed: run ci/install-webuis.sh (make test does)")
@@ -80,8 +82,12 @@ def webuis() -> dict[str, Install]:
 
 @pytest.fixture(scope="session")
 def tiny_models(webuis: dict[str, Install]) -> Path:
+    return make_tiny_models(webuis)
+
+
+def make_tiny_models(webuis: dict[str, Install]) -> Path:
     """The checkpoints of tiny_models.py, made once per version of that file and kept."""
-    key = hashlib.sha256(GENERATOR.read_bytes()).hexdigest()[:12]
+    key = hashlib.sha256(GENERATOR.read_bytes() + CLIP_OFFLINE.read_bytes()).hexdigest()[:12]
     out = MODELS_CACHE / key
     if not (out / ".complete").exists():
         shutil.rmtree(out, ignore_errors=True)
@@ -93,12 +99,15 @@ def tiny_models(webuis: dict[str, Install]) -> Path:
 
 @pytest.fixture(scope="session")
 def webui_root(tmp_path_factory: pytest.TempPathFactory, webuis: dict[str, Install], tiny_models: Path) -> Path:
+    return make_webui_root(tmp_path_factory.mktemp("opt-sdagent-webui"), webuis, tiny_models)
+
+
+def make_webui_root(root: Path, webuis: dict[str, Install], tiny_models: Path) -> Path:
     """``/opt/sdagent-webui`` of a test image: a copy of each tree, its virtualenv linked in.
 
     A1111 builds a checkpoint without a ``.yaml`` beside it from ``configs/v1-inference.yaml``;
     the copy's is the tiny model's, so the cache needs to stage nothing but the checkpoint.
     """
-    root = tmp_path_factory.mktemp("opt-sdagent-webui")
     for webui, install in webuis.items():
         tree = root / webui
         shutil.copytree(install.source, tree, symlinks=True)

@@ -55,12 +55,16 @@ def answer(response: httpx.Response) -> Any:
 
 
 @contextlib.contextmanager
-def launched(webui: str, root: Path, workdir: Path, port: int, ready_path: str, timeout_s: float) -> Iterator[str]:
-    """The real WebUI started by the shipped launcher, alone; yields its URL once ``ready_path`` answers."""
+def launched(
+    webui: str, root: Path, workdir: Path, port: int, ready_path: str, timeout_s: float,
+    command: list[str] | None = None,
+) -> Iterator[str]:  # fmt: skip
+    """The real WebUI started alone, by the shipped launcher or ``command`` (run in its tree);
+    yields its URL once ``ready_path`` answers."""
     log = (workdir / f"{webui}.log").open("wb")
     env = {**os.environ, **launcher_env(webui, root, workdir, port)}
-    process = subprocess.Popen(["bash", str(LAUNCHER)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(command or ["bash", str(LAUNCHER)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                               cwd=root / webui, start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
