@@ -89,7 +89,6 @@ def run_direct(webui: str, url: str, model: str) -> float:
 
 def start_alone(webui: str, root: Path, tiny: Path, jobs: int) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{webui}-alone-"))
-    (workdir / "models/checkpoints").mkdir(parents=True)
     link_models(MODELS[webui], tiny / webui)(workdir / "models/checkpoints")
     started = time.monotonic()
     with launched(webui, root, workdir, free_loopback_port(), READY_PATH[webui], READY_TIMEOUT_S) as url:

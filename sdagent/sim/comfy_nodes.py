@@ -202,7 +202,7 @@ class CheckpointLoaderSimple(Node):
         "The model used for denoising latents.",
         "The CLIP model used for encoding text prompts.",
         "The VAE model used for encoding and decoding images to and from latent space.",
-    )  # noqa: E501 - ComfyUI's text, verbatim
+    )
     display_name = "Load Checkpoint"
     category = "loaders"
     description = "Loads a diffusion model checkpoint, diffusion models are used to denoise latents."

@@ -60,12 +60,7 @@ def _validate_outputs(validator: _Validator, outputs: list[str]) -> Validation:
             valid, reasons, _ = validator.validate(output)
         except _BrokenGraph as exc:
             valid = False
-            reasons = [{
-                "type": "exception_during_validation",
-                "message": "Exception when validating node",
-                "details": str(exc),
-                "extra_info": {"exception_type": exc.__cause__.__class__.__name__, "traceback": traceback.format_tb(exc.__traceback__)},
-            }]  # fmt: skip
+            reasons = [_exception_reason("exception_during_validation", "Exception when validating node", exc, {})]
             validator.validated[output] = (False, reasons, output)
         if valid:
             good.append(output)
@@ -163,16 +158,9 @@ class _Validator:
             return self.validate(str(source_id))[0], None
         except _BrokenGraph as exc:
             # execution.py catches what validating an input's node raised and blames that node.
-            reasons = [{
-                "type": "exception_during_inner_validation",
-                "message": "Exception when validating inner node",
-                "details": str(exc),
-                "extra_info": {
-                    "input_name": name, "input_config": info, "exception_message": str(exc),
-                    "exception_type": exc.__cause__.__class__.__name__, "traceback": traceback.format_tb(exc.__traceback__),
-                    "linked_node": link,
-                },
-            }]  # fmt: skip
+            extra = {"input_name": name, "input_config": info, "exception_message": str(exc), "linked_node": link}
+            reasons = [_exception_reason("exception_during_inner_validation", "Exception when validating inner node",
+                                         exc, extra)]  # fmt: skip
             self.validated[str(source_id)] = (False, reasons, str(source_id))
             return False, None
 
@@ -237,6 +225,13 @@ class _Validator:
 
 def _input_info(spec: tuple[Any, ...]) -> tuple[Any, dict[str, Any]]:
     return (spec[0], spec[1] if len(spec) > 1 else {})
+
+
+def _exception_reason(kind: str, message: str, exc: _BrokenGraph, extra_info: dict[str, Any]) -> dict[str, Any]:
+    """A Python error met while validating: its type (the cause's) and traceback, as execution.py lists them."""
+    extra = {**extra_info, "exception_type": exc.__cause__.__class__.__name__,
+             "traceback": traceback.format_tb(exc.__traceback__)}  # fmt: skip
+    return _reason(kind, message, str(exc), extra)
 
 
 def _reason(kind: str, message: str, details: str, extra_info: dict[str, Any]) -> dict[str, Any]:

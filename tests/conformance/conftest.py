@@ -272,6 +272,7 @@ def link_models(names: tuple[str, ...], source: Path) -> Callable[[Path], None]:
     """An installer of checkpoints baked into the image: copies of the tiny ones."""
 
     def install(checkpoints: Path) -> None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
         for name in names:
             shutil.copyfile(source / name, checkpoints / name)
 

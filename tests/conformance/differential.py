@@ -47,6 +47,16 @@ def differences(real: Any, simulated: Any, path: str = "$") -> list[str]:
     return [] if real == simulated else [f"{path}: {real} (real) vs {simulated} (simulator)"]
 
 
+def assert_same_shape(real: Any, simulated: Any) -> None:
+    found = differences(shape(real), shape(simulated))
+    assert not found, "\n".join(found)
+
+
+def both(servers: dict[str, str], method: str, path: str, **kwargs: Any) -> dict[str, httpx.Response]:
+    """The same request to each server (``{"real": url, "sim": url}``), answers by name."""
+    return {name: httpx.request(method, url + path, timeout=120, **kwargs) for name, url in servers.items()}
+
+
 def answer(response: httpx.Response) -> Any:
     try:
         return response.json()

@@ -23,7 +23,7 @@ from sdagent.devstack.kafka import free_loopback_port
 from sdagent.sim.options import SimOptions
 from sdagent.sim.thread import SimulatorThread
 from tests.conformance.conftest import MODELS, READY_TIMEOUT_S, link_models
-from tests.conformance.differential import answer, differences, launched, shape
+from tests.conformance.differential import answer, assert_same_shape, both, launched
 
 TINY_A, TINY_B = MODELS["a1111"]
 SMALL = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 2, "seed": 5}
@@ -39,7 +39,6 @@ READ_INFO = ("prompt", "negative_prompt", "seed", "all_seeds", "width", "height"
 def servers(webui_root, tiny_models, tmp_path_factory) -> Iterator[dict[str, str]]:
     """The real server and the simulator, both with the two tiny checkpoints, the first loaded."""
     workdir = tmp_path_factory.mktemp("a1111-differential")
-    (workdir / "models/checkpoints").mkdir(parents=True)
     link_models((TINY_A, TINY_B), tiny_models / "a1111")(workdir / "models/checkpoints")
     real = launched("a1111", webui_root, workdir, free_loopback_port(), "/sdapi/v1/sd-models", READY_TIMEOUT_S)
     # --no-hashing as the launcher passes it; a step slow enough that /progress sees each one.
@@ -55,10 +54,6 @@ def post(url: str, path: str, body: Any) -> httpx.Response:
     return httpx.post(url + path, json=body, timeout=120)
 
 
-def both(servers: dict[str, str], method: str, path: str, body: Any = None) -> dict[str, httpx.Response]:
-    return {name: httpx.request(method, url + path, json=body, timeout=120) for name, url in servers.items()}
-
-
 def image_b64() -> str:
     out = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(out, format="PNG")
@@ -69,11 +64,6 @@ def info_of(response: httpx.Response) -> dict[str, Any]:
     body = response.json()
     info = json.loads(body["info"])
     return {key: info.get(key) for key in READ_INFO} | {"images": len(body["images"]), "keys": sorted(body)}
-
-
-def assert_same_shape(real: Any, simulated: Any) -> None:
-    found = differences(shape(real), shape(simulated))
-    assert not found, "\n".join(found)
 
 
 def test_the_sampler_and_scheduler_lists_are_the_real_ones(servers: dict[str, str]) -> None:
@@ -113,7 +103,7 @@ def test_listings_and_idle_progress_have_the_real_shapes(servers: dict[str, str]
     ],
 )  # fmt: skip
 def test_generations_answer_alike(servers: dict[str, str], path: str, body: dict[str, Any]) -> None:
-    answers = both(servers, "POST", path, body)
+    answers = both(servers, "POST", path, json=body)
     assert answers["real"].status_code == answers["sim"].status_code == 200
     real, simulated = info_of(answers["real"]), info_of(answers["sim"])
     real.pop("job_timestamp"), simulated.pop("job_timestamp")  # when it ran
@@ -136,7 +126,7 @@ def test_generations_answer_alike(servers: dict[str, str], path: str, body: dict
     ],
 )  # fmt: skip
 def test_refusals_answer_alike(servers: dict[str, str], path: str, body: Any) -> None:
-    answers = both(servers, "POST", path, body)
+    answers = both(servers, "POST", path, json=body)
     assert answers["sim"].status_code == answers["real"].status_code
     real, simulated = answer(answers["real"]), answer(answers["sim"])
     if answers["real"].status_code == 200:
@@ -152,7 +142,7 @@ def test_refusals_answer_alike(servers: dict[str, str], path: str, body: Any) ->
 def test_switching_by_a_name_without_extension_and_back(servers: dict[str, str]) -> None:
     try:
         switched = both(
-            servers, "POST", "/sdapi/v1/options", {"sd_model_checkpoint": TINY_B.removesuffix(".safetensors")}
+            servers, "POST", "/sdapi/v1/options", json={"sd_model_checkpoint": TINY_B.removesuffix(".safetensors")}
         )
         assert switched["sim"].status_code == switched["real"].status_code == 200
         assert switched["sim"].json() == switched["real"].json()
@@ -160,10 +150,10 @@ def test_switching_by_a_name_without_extension_and_back(servers: dict[str, str])
             name: r.json()["sd_model_checkpoint"] for name, r in both(servers, "GET", "/sdapi/v1/options").items()
         }
         assert loaded["sim"] == loaded["real"]
-        ran = both(servers, "POST", "/sdapi/v1/txt2img", SMALL)
+        ran = both(servers, "POST", "/sdapi/v1/txt2img", json=SMALL)
         assert info_of(ran["sim"])["sd_model_name"] == info_of(ran["real"])["sd_model_name"]
     finally:
-        both(servers, "POST", "/sdapi/v1/options", {"sd_model_checkpoint": TINY_A})
+        both(servers, "POST", "/sdapi/v1/options", json={"sd_model_checkpoint": TINY_A})
 
 
 def test_interrupt_refresh_and_unload_answer_alike(servers: dict[str, str]) -> None:

@@ -21,7 +21,7 @@ from sdagent.devstack.kafka import free_loopback_port
 from sdagent.sim.options import SimOptions
 from sdagent.sim.thread import SimulatorThread
 from tests.conformance.conftest import MODELS, READY_TIMEOUT_S, link_models
-from tests.conformance.differential import answer, differences, launched, shape
+from tests.conformance.differential import answer, assert_same_shape, both, launched
 
 SHALLOW_A, SHALLOW_B = MODELS["comfyui"]
 
@@ -29,7 +29,6 @@ SHALLOW_A, SHALLOW_B = MODELS["comfyui"]
 @pytest.fixture(scope="module")
 def servers(webui_root, tiny_models, tmp_path_factory) -> Iterator[dict[str, str]]:
     workdir = tmp_path_factory.mktemp("comfyui-differential")
-    (workdir / "models/checkpoints").mkdir(parents=True)
     link_models((SHALLOW_A, SHALLOW_B), tiny_models / "comfyui")(workdir / "models/checkpoints")
     real = launched("comfyui", webui_root, workdir, free_loopback_port(), "/system_stats", READY_TIMEOUT_S)
     simulated = SimulatorThread(SimOptions(models=(SHALLOW_A, SHALLOW_B), data_dir=workdir / "sim-data",
@@ -59,15 +58,6 @@ def graph(seed: int, **changes: Any) -> dict[str, Any]:
         else:
             prompt[node]["inputs"][name] = value
     return prompt
-
-
-def both(servers: dict[str, str], method: str, path: str, **kwargs: Any) -> dict[str, httpx.Response]:
-    return {name: httpx.request(method, url + path, timeout=120, **kwargs) for name, url in servers.items()}
-
-
-def assert_same_shape(real: Any, simulated: Any) -> None:
-    found = differences(shape(real), shape(simulated))
-    assert not found, "\n".join(found)
 
 
 def test_sampler_scheduler_and_checkpoint_lists_are_the_real_ones(servers: dict[str, str]) -> None:

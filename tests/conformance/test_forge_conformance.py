@@ -30,7 +30,6 @@ SHALLOW_A, SHALLOW_B = MODELS["comfyui"]
 def forge(webui_root, tiny_models, tmp_path_factory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("forge")
     checkpoints = workdir / "models/checkpoints"
-    checkpoints.mkdir(parents=True)
     link_models((SHALLOW_A, SHALLOW_B), tiny_models / "comfyui")(checkpoints)
     port = free_loopback_port()
     command = [str(webui_root / "forge/venv/bin/python"), "launch.py", "--nowebui", "--server-name", "127.0.0.1",
